@@ -1,3 +1,45 @@
-"""asymprop: train PyTorch models without weight transport."""
+"""asymprop: train any PyTorch model without weight transport.
+
+Backprop sends errors down through W^T; asymprop's layers send them through a separate feedback
+weight B, chosen or learned by a *rule* (feedback alignment, sign symmetry, Kolen-Pollack, weight
+mirrors, node perturbation, ...). See SCIENCE.md for the equations and README.md for a tour.
+
+    >>> import asymprop, torch.nn as nn
+    >>> model = asymprop.convert(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), "fa")
+    >>> sorted(asymprop.RULES)[:3]
+    ['bp', 'brsf', 'fa']
+"""
+
+from . import functional, optim
+from .convert import convert, exact_backprop, feedback_layers, revert, unwrap
+from .layers import FeedbackConv2d, FeedbackLayer, FeedbackLinear, is_feedback_layer
+from .metrics import alignment, angle_deg, delta_alignment
+from .rules import RULES, FeedbackRule, StepContext, make_rule, register_rule
+from .train import DivergenceError, train_step, update_feedback
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "RULES",
+    "DivergenceError",
+    "FeedbackConv2d",
+    "FeedbackLayer",
+    "FeedbackLinear",
+    "FeedbackRule",
+    "StepContext",
+    "alignment",
+    "angle_deg",
+    "convert",
+    "delta_alignment",
+    "exact_backprop",
+    "feedback_layers",
+    "functional",
+    "is_feedback_layer",
+    "make_rule",
+    "optim",
+    "register_rule",
+    "revert",
+    "train_step",
+    "unwrap",
+    "update_feedback",
+]

@@ -1,0 +1,191 @@
+"""The only code in asymprop that redefines a backward pass.
+
+Each function computes the ordinary forward pass of its layer, and in the backward pass sends the
+error to the layer's input through a separate ``backward_weight`` (the papers' B, stored in W's
+shape) instead of ``weight`` (W). The gradients of ``weight`` and ``bias`` are the usual ones, and
+``backward_weight`` receives the same gradient as ``weight`` when it requires grad: this is the
+Kolen-Pollack circuit (000 Alg. 2), where B is trained by the very signals that train W.
+
+Oracle (STYLE.md): each function equals the "detach trick"
+``op(x.detach(), W) + op(x, B) - op(x, B).detach()`` in value and gradient, and equals the plain
+op when ``backward_weight is weight``; ``tests/test_functional.py`` checks both with float64
+``gradcheck``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["feedback_conv2d", "feedback_linear"]
+
+
+class _FeedbackLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, backward_weight: Tensor) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, _weight, bias, backward_weight = inputs
+        ctx.save_for_backward(x, backward_weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, backward_weight = ctx.saved_tensors
+        need_x, need_w, need_b, need_bw = ctx.needs_input_grad
+        grad_x = grad_w = grad_b = None
+        # Under autocast grad_out may be bf16/fp16 while the saved tensors are fp32: compute in
+        # grad_out's dtype, as autograd's own linear backward does; autograd casts the results.
+        if need_x:
+            # (..., out) @ (out, in) -> (..., in): the error travels through B, not W.
+            grad_x = grad_out @ backward_weight.to(grad_out.dtype)
+        if need_w or need_bw:
+            g2 = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out), N = all leading dims
+            x2 = x.reshape(-1, x.shape[-1]).to(grad_out.dtype)  # (N, in)
+            grad_w = g2.t() @ x2  # (out, N) @ (N, in) -> (out, in)
+        if need_b and ctx.has_bias:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        # KP: B receives W's gradient (the same tensor: autograd accumulates it separately).
+        grad_bw = grad_w if need_bw else None
+        return grad_x, (grad_w if need_w else None), grad_b, grad_bw
+
+
+class _FeedbackConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        backward_weight: Tensor,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+        groups: int,
+    ) -> Tensor:
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, _weight, bias, backward_weight, stride, padding, dilation, groups = inputs
+        ctx.save_for_backward(x, backward_weight)
+        ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.bias_sizes = None if bias is None else [bias.shape[0]]
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, backward_weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        need_x, need_w, need_b, need_bw = ctx.needs_input_grad[:4]
+        # One call computes all three: the input gradient is the transposed convolution of
+        # grad_out with the kernel we pass (B), the weight gradient depends only on x and
+        # grad_out (the kernel is used for its shape), the bias gradient sums grad_out.
+        # This is the op behind torch.nn.grad.conv2d_input / conv2d_weight.
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_out,
+            x.to(grad_out.dtype),
+            backward_weight.to(grad_out.dtype),
+            ctx.bias_sizes,
+            list(stride),
+            list(padding),
+            list(dilation),
+            False,
+            [0, 0],
+            groups,
+            [need_x, need_w or need_bw, need_b and ctx.bias_sizes is not None],
+        )
+        grad_bw = grad_w if need_bw else None
+        return (
+            grad_x,
+            grad_w if need_w else None,
+            grad_b,
+            grad_bw,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def feedback_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, backward_weight: Tensor
+) -> Tensor:
+    """``F.linear(x, weight, bias)`` whose input gradient travels through ``backward_weight``.
+
+    Backward: ``dL/dx = dL/dy @ B`` (B of W's shape ``(out, in)``), ``dL/dW = dL/dy^T x``,
+    ``dL/db = sum dL/dy``; ``dL/dB = dL/dW`` when B requires grad (Kolen-Pollack).
+
+    Args:
+        x: input of shape ``(*, in)``, any number of leading dimensions.
+        weight: W, ``(out, in)``.
+        bias: ``(out,)`` or None.
+        backward_weight: B, ``(out, in)``.
+
+    Example:
+        >>> x = torch.randn(4, 3, requires_grad=True)
+        >>> W, B = torch.randn(2, 3), torch.randn(2, 3)
+        >>> feedback_linear(x, W, None, B).sum().backward()
+        >>> torch.allclose(x.grad, torch.ones(4, 2) @ B)
+        True
+
+    Paper: feedback alignment, 003 eq. (3)-(4); KP, 000 Alg. 2.
+    """
+    if backward_weight.shape != weight.shape:
+        raise ValueError(
+            f"backward_weight has shape {tuple(backward_weight.shape)} but weight has "
+            f"{tuple(weight.shape)}: B is stored in W's shape (see SCIENCE.md)"
+        )
+    return _FeedbackLinear.apply(x, weight, bias, backward_weight)
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    a, b = v
+    return (int(a), int(b))
+
+
+def feedback_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    backward_weight: Tensor,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+) -> Tensor:
+    """``F.conv2d`` whose input gradient is the transposed convolution with ``backward_weight``.
+
+    Backward: ``dL/dx = conv_transpose2d(dL/dy, B)`` with the forward's stride, padding,
+    dilation and groups (the output size is taken from x, so no output_padding ambiguity);
+    ``dL/dW`` and ``dL/db`` as in autograd; ``dL/dB = dL/dW`` when B requires grad.
+
+    Args:
+        x: ``(N, C_in, H, W)``.
+        weight: W, ``(C_out, C_in / groups, kH, kW)``.
+        bias: ``(C_out,)`` or None.
+        backward_weight: B, W's shape.
+        stride, padding, dilation, groups: as ``F.conv2d`` (integer padding only; the layer
+            turns ``"same"``/``"valid"`` and non-zero padding modes into explicit padding).
+
+    Example:
+        >>> x = torch.randn(2, 3, 8, 8, requires_grad=True)
+        >>> W, B = torch.randn(4, 3, 3, 3), torch.randn(4, 3, 3, 3)
+        >>> feedback_conv2d(x, W, None, B, padding=1).sum().backward()
+
+    Paper: 000 App. D.2 (B is a kernel used by the transposed convolution).
+    """
+    if backward_weight.shape != weight.shape:
+        raise ValueError(
+            f"backward_weight has shape {tuple(backward_weight.shape)} but weight has "
+            f"{tuple(weight.shape)}: B is stored in W's shape (see SCIENCE.md)"
+        )
+    return _FeedbackConv2d.apply(
+        x, weight, bias, backward_weight, _pair(stride), _pair(padding), _pair(dilation), groups
+    )

@@ -1,0 +1,170 @@
+"""How well feedback aligns with the forward weights, per converted layer.
+
+* ``alignment``: angle between vec(B) and vec(W) (000/001 "angles of matrices"), sign concordance
+  (004 Fig. 2C) and relative error ``||W - B||_F / ||W||_F`` (004 Fig. 2A, 4A);
+* ``delta_alignment``: angle between the error a rule sends to each layer's input and the error
+  exact backprop sends, on the same batch (000/001 "angles of deltas").
+
+All computed in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .convert import exact_backprop, feedback_layers
+
+__all__ = ["alignment", "angle_deg", "delta_alignment"]
+
+
+def angle_deg(a: Tensor, b: Tensor) -> float:
+    """Angle in degrees between ``vec(a)`` and ``vec(b)``: ``acos(<a, b> / (|a| |b|))``.
+
+    NaN when either vector is zero (the angle is undefined).
+
+    Example:
+        >>> angle_deg(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]))
+        90.0
+    """
+    a64, b64 = a.detach().reshape(-1).double(), b.detach().reshape(-1).double()
+    denom = a64.norm() * b64.norm()
+    if denom == 0:
+        return math.nan
+    cosine = float((a64 @ b64) / denom)
+    return math.degrees(math.acos(max(-1.0, min(1.0, cosine))))
+
+
+def alignment(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Per converted layer: ``angle_deg``, ``sign_concordance`` and ``rel_error`` of B vs W.
+
+    ``angle_deg`` is the angle between vec(feedback_weight) and vec(weight) in degrees;
+    ``sign_concordance`` the fraction of entries with ``sign(B) == sign(W)``, in [0, 1];
+    ``rel_error`` is ``||W - B||_F / ||W||_F``. For rules whose B is not W's shape (DFA maps the
+    output error straight to a layer) the three are NaN.
+
+    Returns:
+        ``{qualified_name: {"angle_deg": .., "sign_concordance": .., "rel_error": ..}}`` in
+        module order.
+
+    Example:
+        >>> alignment(asymprop.convert(model, "bp"))["0"]["angle_deg"]
+        0.0
+
+    Paper: 000/001 (angle figures), 004 Fig. 2 and 4.
+    """
+    result: dict[str, dict[str, float]] = {}
+    for name, layer in feedback_layers(model):
+        weight, feedback = layer.weight.detach(), layer.feedback_weight.detach()
+        if feedback.shape != weight.shape:
+            result[name] = {
+                "angle_deg": math.nan,
+                "sign_concordance": math.nan,
+                "rel_error": math.nan,
+            }
+            continue
+        w64, b64 = weight.double(), feedback.double()
+        w_norm = float(w64.norm())
+        result[name] = {
+            "angle_deg": angle_deg(w64, b64),
+            "sign_concordance": float((torch.sign(w64) == torch.sign(b64)).double().mean()),
+            "rel_error": float((w64 - b64).norm()) / w_norm if w_norm > 0 else math.nan,
+        }
+    return result
+
+
+def delta_alignment(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+) -> dict[str, float]:
+    """Per converted layer, the angle (degrees) between the rule's and backprop's input error.
+
+    The error that reaches a layer's input is ``dL/dx`` for the tensor ``x`` the layer receives
+    (for a layer used several times, all its calls together). It is computed twice on the same
+    batch, with the same random state (dropout masks, noise): once with the model's rules and once
+    with every layer running exact backprop. Parameters, their ``.grad``, feedback weights, rule
+    state and all buffers (batch-norm running statistics) are left untouched, and the model's
+    train/eval mode is kept.
+
+    Returns:
+        ``{qualified_name: angle_deg}`` in module order; NaN where an error is zero.
+
+    Example:
+        >>> delta_alignment(model, nn.functional.cross_entropy, x, y)["fc1"]
+        12.3
+
+    Paper: 000/001 (angles of deltas), 004 Fig. 2B.
+    """
+    layers = feedback_layers(model)
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no feedback layers: call asymprop.convert(model, rule) "
+            "first"
+        )
+    saved_buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    saved_states = [layer.get_extra_state() for _, layer in layers]
+    devices = [inputs.device] if inputs.device.type == "cuda" else []
+    seed = int(torch.randint(0, 2**62, (1,)))
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            rule_errors = _input_errors(model, layers, loss_fn, inputs, targets)
+            torch.manual_seed(seed)
+            with exact_backprop(model):
+                bp_errors = _input_errors(model, layers, loss_fn, inputs, targets)
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(saved_buffers[name])
+        for (_, layer), state in zip(layers, saved_states, strict=True):
+            layer.set_extra_state(state)
+    angles: dict[str, float] = {}
+    for name, _ in layers:
+        ours, exact = rule_errors[name], bp_errors[name]
+        angles[name] = math.nan if ours is None or exact is None else angle_deg(ours, exact)
+    return angles
+
+
+def _input_errors(
+    model: nn.Module,
+    layers: Sequence[tuple[str, nn.Module]],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+) -> dict[str, Tensor | None]:
+    """``dL/dx`` at every feedback layer's input, without touching any ``.grad``."""
+    seen: dict[str, list[Tensor]] = {name: [] for name, _ in layers}
+    handles = []
+
+    def capture(name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], tuple[Tensor, ...]]:
+        def hook(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            x = args[0]
+            if not x.requires_grad:  # data entering the net: a leaf of our own
+                x = x.detach().requires_grad_(True)
+            seen[name].append(x)
+            return (x, *args[1:])
+
+        return hook
+
+    for name, layer in layers:
+        handles.append(layer.register_forward_pre_hook(capture(name)))
+    try:
+        with torch.enable_grad():
+            loss = loss_fn(model(inputs), targets)
+            flat = [x for name, _ in layers for x in seen[name]]
+            grads = torch.autograd.grad(loss, flat, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    errors: dict[str, Tensor | None] = {}
+    it = iter(grads)
+    for name, _ in layers:
+        parts = [next(it) for _ in seen[name]]
+        present = [g.reshape(-1) for g in parts if g is not None]
+        errors[name] = torch.cat(present) if present else None
+    return errors

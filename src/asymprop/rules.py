@@ -1,0 +1,464 @@
+"""Feedback rules: one small class per rule, and the registry ``RULES``.
+
+A rule answers two questions for every layer it owns (STYLE.md's two axes):
+
+* **which matrix carries the error backward** -- ``backward_weight(layer)``: W itself (``bp``),
+  a fixed random B (``fa``, ``rndf``), sign(W) times magnitudes (the sign rules), a learned B
+  (``kp``, ``wm``, ``np``);
+* **how the forward weights get their gradient** -- ``forward(layer, x)``, the estimator: by
+  default the backward pass through the feedback layer (``asymprop.functional``); rules such as DFA
+  or node perturbation override it, or use the ``before_forward``/``after_backward`` hooks of
+  ``asymprop.train_step``.
+
+and says how B changes between steps (``update``, run by ``asymprop.update_feedback`` after
+``optimizer.step()``). Rules hold hyperparameters only: every tensor lives in the layer
+(``feedback_weight``, ``feedback_*`` buffers, ``feedback_state``) so ``state_dict`` holds it all.
+
+A new rule is one class and one ``@register_rule`` line::
+
+    @register_rule
+    @dataclass(frozen=True)
+    class Transpose(FeedbackRule):
+        name = "transpose"
+        def initial_feedback(self, layer, generator):
+            return layer.weight.detach().clone()
+        def update_layer(self, layer):
+            layer.feedback_weight.copy_(layer.weight)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .layers import FeedbackLayer
+
+__all__ = [
+    "BP",
+    "FA",
+    "RULES",
+    "USF",
+    "BrSF",
+    "FeedbackRule",
+    "FrSF",
+    "NuSF",
+    "RndF",
+    "StepContext",
+    "make_rule",
+    "register_rule",
+]
+
+
+@dataclass
+class StepContext:
+    """What ``asymprop.train_step`` shows a rule's hooks about the current engaged step."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    inputs: Tensor
+    targets: Tensor
+    layers: list[tuple[str, FeedbackLayer]]
+    outputs: Tensor | None = None
+    loss: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class FeedbackRule:
+    """Base class of all rules: a frozen dataclass of hyperparameters.
+
+    Subclasses set ``name`` and implement ``initial_feedback``; they may override
+    ``backward_weight``, ``forward``, ``update``/``update_layer`` and the train-step hooks.
+    Options are the dataclass fields; their annotations are checked on construction, and
+    ``validate`` checks ranges.
+    """
+
+    name: ClassVar[str] = ""
+    #: B is an ``nn.Parameter`` updated by the user's optimizer (Kolen-Pollack).
+    trainable_feedback: ClassVar[bool] = False
+    #: the rule needs ``train_step`` (it must see the batch and the loss), not only
+    #: ``update_feedback``.
+    needs_train_step: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        _check_option_types(self)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check option ranges; raise ``ValueError`` naming the option and the valid range."""
+
+    # --- set-up -----------------------------------------------------------------------------
+    def init_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> None:
+        """Create the layer's feedback state; ``generator`` (CPU) draws anything random."""
+        initial = self.initial_feedback(layer, generator)
+        if initial is not None:
+            initial = initial.to(device=layer.weight.device, dtype=layer.weight.dtype)
+        layer.set_feedback_weight(initial, trainable=self.trainable_feedback)
+
+    def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor | None:
+        """B at conversion, in W's shape; ``None`` means B *is* W (exact backprop)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement initial_feedback")
+
+    # --- the pass ---------------------------------------------------------------------------
+    def backward_weight(self, layer: FeedbackLayer) -> Tensor:
+        """The tensor the error travels through on its way to the layer's input."""
+        return layer.feedback_weight
+
+    def forward(self, layer: FeedbackLayer, input: Tensor) -> Tensor:
+        """The estimator: the layer's forward value, with the gradient this rule sends."""
+        backward_weight = self.backward_weight(layer)
+        if backward_weight is layer.weight:  # exact backprop: torch's own op, no overhead
+            return layer.native_forward(input)
+        return layer.feedback_forward(input, backward_weight)
+
+    # --- between steps ----------------------------------------------------------------------
+    def update(self, layers: Sequence[FeedbackLayer]) -> None:
+        """Change B after ``optimizer.step()`` for all layers this rule owns (module order)."""
+        with torch.no_grad():
+            for layer in layers:
+                self.update_layer(layer)
+
+    def update_layer(self, layer: FeedbackLayer) -> None:
+        """Change one layer's B in place (default: B is fixed or trained by the optimizer)."""
+
+    def before_forward(self, step: StepContext) -> None:
+        """``train_step`` hook, before the engaged forward pass."""
+
+    def after_backward(self, step: StepContext) -> None:
+        """``train_step`` hook, after ``loss.backward()`` and before ``optimizer.step()``."""
+
+
+RULES: dict[str, type[FeedbackRule]] = {}
+"""Registry: rule name -> rule class. ``list(asymprop.RULES)`` gives the names."""
+
+R = TypeVar("R", bound=type[FeedbackRule])
+
+
+def register_rule(cls: R) -> R:
+    """Class decorator adding a rule to ``RULES`` under ``cls.name``."""
+    if not cls.name or not isinstance(cls.name, str):
+        raise ValueError(f"{cls.__name__} needs a class attribute `name` (a non-empty string)")
+    if cls.name in RULES and RULES[cls.name] is not cls:
+        raise ValueError(f"a rule named {cls.name!r} is already registered ({RULES[cls.name]})")
+    RULES[cls.name] = cls
+    return cls
+
+
+def make_rule(rule: str | FeedbackRule, **options: Any) -> FeedbackRule:
+    """A rule object from a registered name (with options) or a rule object (options replace).
+
+    Raises:
+        ValueError: unknown name (lists the valid ones) or an option out of range.
+        TypeError: unknown option (lists the valid ones) or an option of the wrong type.
+    """
+    if isinstance(rule, FeedbackRule):
+        cls: type[FeedbackRule] = type(rule)
+        _check_option_names(cls, options)
+        return dataclasses.replace(rule, **options) if options else rule
+    if isinstance(rule, str):
+        key = rule.lower()
+        if key not in RULES:
+            raise ValueError(f"unknown rule {rule!r}; valid rules: {', '.join(sorted(RULES))}")
+        cls = RULES[key]
+        _check_option_names(cls, options)
+        return cls(**options)
+    raise TypeError(
+        f"rule must be a rule name ({', '.join(sorted(RULES))}), a FeedbackRule object or a "
+        f"callable (qualified_name, layer) -> rule or None; got {type(rule).__name__}"
+    )
+
+
+def _check_option_names(cls: type[FeedbackRule], options: dict[str, Any]) -> None:
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in options:
+        if key not in valid:
+            choices = ", ".join(valid) if valid else "none"
+            raise TypeError(f"rule {cls.name!r} has no option {key!r}; valid options: {choices}")
+
+
+def _check_option_types(rule: FeedbackRule) -> None:
+    hints = typing.get_type_hints(type(rule))
+    for field in dataclasses.fields(rule):
+        value = getattr(rule, field.name)
+        if not _matches(value, hints[field.name]):
+            raise TypeError(
+                f"rule {rule.name!r} option {field.name!r} must be {_describe(hints[field.name])}, "
+                f"got {value!r}"
+            )
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _check_range(
+    rule: FeedbackRule, option: str, low: float, high: float, *, open_high: bool = False
+) -> None:
+    value = getattr(rule, option)
+    ok = low <= value < high if open_high else low <= value <= high
+    if not ok or math.isnan(value):
+        bracket = ")" if open_high else "]"
+        raise ValueError(
+            f"rule {rule.name!r} option {option}={value!r} is out of range: must be in "
+            f"[{low}, {high}{bracket}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The rules of the core issue
+# ---------------------------------------------------------------------------------------------
+
+
+@register_rule
+@dataclass(frozen=True)
+class BP(FeedbackRule):
+    """Exact backpropagation: the backward weight is W itself.
+
+    ``feedback_weight`` is the ``weight`` Parameter (no copy), and the layer runs torch's own op,
+    so gradients equal autograd's bit for bit. Useful as the baseline inside a converted model.
+
+    Example: ``asymprop.convert(model, "bp")``. Paper: all seeds (e.g. 003 eq. 2).
+    """
+
+    name = "bp"
+
+    def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> None:
+        return None
+
+    def backward_weight(self, layer: FeedbackLayer) -> Tensor:
+        return layer.weight
+
+
+@register_rule
+@dataclass(frozen=True)
+class FA(FeedbackRule):
+    """Feedback alignment: a random B drawn once and never changed.
+
+    ``delta_l = phi'(y_l) * B_{l+1}^T delta_{l+1}`` with fixed B. By default B is drawn from the
+    layer's own default initialisation, ``U(-gain/sqrt(fan_in), gain/sqrt(fan_in))``
+    (``init="uniform"``), or ``N(0, (gain/sqrt(fan_in))^2)`` (``init="normal"``).
+
+    Options:
+        init: ``"uniform"`` or ``"normal"``.
+        gain: multiplies the scale ``1/sqrt(fan_in)``.
+
+    Example: ``asymprop.convert(model, "fa", seed=0)``.
+    Paper: Lillicrap et al. 2016, as described in 003 (eq. 3-4) and 004.
+    """
+
+    name = "fa"
+    init: Literal["uniform", "normal"] = "uniform"
+    gain: float = 1.0
+
+    def validate(self) -> None:
+        if not self.gain > 0:
+            raise ValueError(f"rule 'fa' option gain={self.gain!r} must be > 0")
+
+    def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
+        bound = self.gain / math.sqrt(layer.fan_in)
+        shape = layer.weight.shape
+        if self.init == "uniform":
+            return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+        return torch.randn(shape, generator=generator) * bound
+
+
+@register_rule
+@dataclass(frozen=True)
+class RndF(FeedbackRule):
+    """Liao's fixed random feedback: ``B ~ N(0, std^2)``, drawn once, never changed.
+
+    Options:
+        std: the standard deviation (Liao used 0.05 in all experiments).
+
+    Example: ``asymprop.convert(model, "rndf", std=0.05)``. Paper: 002 sec. 2, item 6.
+    """
+
+    name = "rndf"
+    std: float = 0.05
+
+    def validate(self) -> None:
+        if not self.std > 0:
+            raise ValueError(f"rule 'rndf' option std={self.std!r} must be > 0")
+
+    def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
+        return torch.randn(layer.weight.shape, generator=generator) * self.std
+
+
+Scale = Literal["none", "fan_in", "norm"]
+
+
+def _buffer(layer: FeedbackLayer, name: str) -> Tensor:
+    """A rule's own buffer on the layer (typed access for rule state)."""
+    return layer.get_buffer(name)
+
+
+def _apply_scale(rule_scale: str, layer: FeedbackLayer, feedback: Tensor) -> Tensor:
+    """Rescale a sign-rule B: as defined (none), / fan_in (NuSF), or to ``||W||_F`` per layer."""
+    if rule_scale == "fan_in":
+        return feedback / layer.fan_in
+    if rule_scale == "norm":
+        norm = feedback.norm()
+        return feedback * (layer.weight.norm() / norm) if norm > 0 else feedback
+    return feedback
+
+
+@register_rule
+@dataclass(frozen=True)
+class USF(FeedbackRule):
+    """Uniform sign-concordant feedback: ``B = sign(W)``, recomputed after every update of W.
+
+    Raw sign(W) is tens of times larger than W, which is why Liao et al. needed batch norm or
+    Batch Manhattan. ``scale`` offers alternatives for networks without either.
+
+    Options:
+        scale: ``"none"`` (the paper's definition), ``"fan_in"`` (divide by the filter's
+            ``w*h*in``, i.e. NuSF) or ``"norm"`` (rescale so ``||B||_F = ||W||_F`` per layer).
+
+    Example: ``asymprop.convert(model, "usf")``. Paper: 002 sec. 2, item 1 (setting 1).
+    """
+
+    name = "usf"
+    scale: Scale = "none"
+
+    def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
+        return _apply_scale(self.scale, layer, torch.sign(layer.weight.detach()))
+
+    def update_layer(self, layer: FeedbackLayer) -> None:
+        layer.feedback_weight.copy_(_apply_scale(self.scale, layer, torch.sign(layer.weight)))
+
+
+@register_rule
+@dataclass(frozen=True)
+class NuSF(USF):
+    """Normalised uniform sign-concordant feedback: ``B = sign(W) / fan_in``.
+
+    ``fan_in`` is ``in_features`` for Linear, ``C_in/groups * kH * kW`` (the filter's size) for
+    Conv2d. Recomputed after every update of W.
+
+    Example: ``asymprop.convert(model, "nusf")``. Paper: 002 Table 2 ("NuSF").
+    """
+
+    name = "nusf"
+    scale: Scale = "fan_in"
+
+
+def _flip_signs(
+    shape: torch.Size, flip: float, generator: torch.Generator, device: torch.device
+) -> Tensor:
+    """S_p: each entry -1 with probability ``flip``, else +1."""
+    u = torch.rand(shape, generator=generator, device=device)
+    return torch.where(u < flip, -1.0, 1.0)
+
+
+@register_rule
+@dataclass(frozen=True)
+class BrSF(FeedbackRule):
+    """Batchwise random-magnitude sign-concordant feedback: ``B = M o sign(W) o S_p``.
+
+    ``M ~ U[0, 1]`` (and ``S_p``, -1 with probability ``flip``) are redrawn after each update of
+    W, i.e. every minibatch. The draws come from the layer's own seeded stream, so every rank of a
+    data-parallel job and a reloaded model draw the same M.
+
+    Options:
+        flip: p, the fraction of discordant signs (0 <= p <= 1): ``flip=0.25`` is 75%-concordant
+            brSF-p (002 Table 3).
+        scale: as for ``usf``.
+
+    Example: ``asymprop.convert(model, "brsf", flip=0.25)``. Paper: 002 sec. 2, items 2 and 4.
+    """
+
+    name = "brsf"
+    flip: float = 0.0
+    scale: Scale = "none"
+
+    def validate(self) -> None:
+        _check_range(self, "flip", 0.0, 1.0)
+
+    def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
+        layer.seed_feedback_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        return torch.zeros_like(layer.weight, device="cpu")
+
+    def init_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> None:
+        super().init_feedback(layer, generator)
+        with torch.no_grad():
+            self.update_layer(layer)
+
+    def update_layer(self, layer: FeedbackLayer) -> None:
+        weight = layer.weight
+        generator = layer.feedback_generator()
+        magnitude = torch.rand(weight.shape, generator=generator, device=weight.device)
+        if self.flip > 0:
+            magnitude *= _flip_signs(weight.shape, self.flip, generator, weight.device)
+        feedback = magnitude.to(weight.dtype) * torch.sign(weight)
+        layer.feedback_weight.copy_(_apply_scale(self.scale, layer, feedback))
+
+
+@register_rule
+@dataclass(frozen=True)
+class FrSF(FeedbackRule):
+    """Fixed random-magnitude sign-concordant feedback: ``B = M o sign(W) o S_p``.
+
+    ``M ~ U[0, 1]`` and ``S_p`` are drawn once (stored together as the buffer
+    ``feedback_magnitude`` = M o S_p, saved in ``state_dict``); the signs follow W after every
+    update.
+
+    Options:
+        flip: p, the fraction of discordant signs, fixed for the run (frSF-p, 002 Table 3).
+        scale: as for ``usf``.
+
+    Example: ``asymprop.convert(model, "frsf", seed=0)``. Paper: 002 sec. 2, items 3 and 5.
+    """
+
+    name = "frsf"
+    flip: float = 0.0
+    scale: Scale = "none"
+
+    def validate(self) -> None:
+        _check_range(self, "flip", 0.0, 1.0)
+
+    def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
+        weight = layer.weight.detach()
+        magnitude = torch.rand(weight.shape, generator=generator)
+        if self.flip > 0:
+            magnitude *= _flip_signs(weight.shape, self.flip, generator, torch.device("cpu"))
+        layer.register_buffer(
+            "feedback_magnitude", magnitude.to(device=weight.device, dtype=weight.dtype)
+        )
+        return _apply_scale(
+            self.scale, layer, _buffer(layer, "feedback_magnitude") * torch.sign(weight)
+        )
+
+    def update_layer(self, layer: FeedbackLayer) -> None:
+        feedback = _buffer(layer, "feedback_magnitude") * torch.sign(layer.weight)
+        layer.feedback_weight.copy_(_apply_scale(self.scale, layer, feedback))

@@ -1,0 +1,131 @@
+"""The engaged-mode step, and the between-step feedback update.
+
+The whole loop, for any rule, is the one you would write for backprop plus one line::
+
+    for inputs, targets in loader:
+        optimizer.zero_grad()
+        loss = loss_fn(model(inputs), targets)
+        loss.backward()
+        optimizer.step()
+        asymprop.update_feedback(model)   # sign rules recompute B, brSF redraws M, WM mirrors
+
+``train_step`` is exactly these lines, plus the hooks that rules needing the batch and the loss
+(node perturbation) use; such rules set ``needs_train_step`` and refuse ``update_feedback`` alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .convert import feedback_layers
+from .layers import FeedbackLayer
+from .rules import FeedbackRule, StepContext
+
+__all__ = ["DivergenceError", "rules_of", "train_step", "update_feedback"]
+
+
+class DivergenceError(FloatingPointError):
+    """The loss, a weight or a feedback weight became NaN or infinite."""
+
+
+def rules_of(
+    layers: Sequence[tuple[str, FeedbackLayer]],
+) -> list[tuple[FeedbackRule, list[FeedbackLayer]]]:
+    """Group layers by rule object, both in module order (one rule may own many layers)."""
+    groups: dict[int, tuple[FeedbackRule, list[FeedbackLayer]]] = {}
+    for _, layer in layers:
+        groups.setdefault(id(layer.rule), (layer.rule, []))[1].append(layer)
+    return list(groups.values())
+
+
+def update_feedback(model: nn.Module) -> None:
+    """Run each rule's between-step change of B; call it after ``optimizer.step()``.
+
+    What it does per rule: ``usf``/``nusf``/``frsf`` recompute B from the new sign(W), ``brsf``
+    redraws M, ``wm`` runs its mirror steps; ``bp``, ``fa``, ``rndf`` and ``kp`` (whose B the
+    optimizer updates) do nothing. Rules that must see the batch and the loss (``np``) need
+    :func:`train_step` instead and raise here.
+
+    Example:
+        >>> loss.backward(); optimizer.step(); asymprop.update_feedback(model)
+
+    Raises:
+        ValueError: ``model`` has no converted layer.
+        RuntimeError: a rule of the model needs ``train_step``.
+    """
+    layers = _layers(model)
+    for rule, _ in rules_of(layers):
+        if rule.needs_train_step:
+            raise RuntimeError(
+                f"rule {rule.name!r} learns its feedback from the batch and the loss, so it needs "
+                "asymprop.train_step(model, optimizer, loss_fn, inputs, targets) for each step "
+                "instead of optimizer.step() + asymprop.update_feedback(model)"
+            )
+    _update(layers)
+
+
+def _update(layers: Sequence[tuple[str, FeedbackLayer]]) -> None:
+    for rule, owned in rules_of(layers):
+        rule.update(owned)
+
+
+def _layers(model: nn.Module) -> list[tuple[str, FeedbackLayer]]:
+    layers = feedback_layers(model)
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no feedback layers: call asymprop.convert(model, rule) "
+            "first"
+        )
+    return layers
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+) -> float:
+    """One engaged-mode step for any rule; returns the loss as a float.
+
+    ``zero_grad``; forward; ``loss = loss_fn(outputs, targets)``; ``loss.backward()``;
+    ``optimizer.step()``; ``update_feedback``. Rules' ``before_forward``/``after_backward`` hooks
+    run around the pass (node perturbation's noisy pass). The model's train/eval mode is left as
+    the caller set it.
+
+    Args:
+        model: a converted model (or a DDP wrapper of one).
+        optimizer: any ``torch.optim`` optimizer over ``model.parameters()``.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``.
+        inputs, targets: one minibatch.
+
+    Raises:
+        DivergenceError: the loss is NaN or infinite (checked before the weights change).
+
+    Example:
+        >>> loss = asymprop.train_step(model, opt, nn.functional.cross_entropy, x, y)
+    """
+    layers = _layers(model)
+    groups = rules_of(layers)
+    step = StepContext(model, optimizer, loss_fn, inputs, targets, layers)
+    for rule, _ in groups:
+        rule.before_forward(step)
+    optimizer.zero_grad(set_to_none=True)
+    step.outputs = model(inputs)
+    step.loss = loss = loss_fn(step.outputs, targets)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        names = ", ".join(sorted({rule.name for rule, _ in groups}))
+        raise DivergenceError(
+            f"loss is {value} (rule {names}); the weights were not updated by this step"
+        )
+    loss.backward()
+    for rule, _ in groups:
+        rule.after_backward(step)
+    optimizer.step()
+    _update(layers)
+    return value
