@@ -31,11 +31,13 @@ def angle_deg(a: Tensor, b: Tensor) -> float:
         90.0
     """
     a64, b64 = a.detach().reshape(-1).double(), b.detach().reshape(-1).double()
-    denom = a64.norm() * b64.norm()
-    if denom == 0:
+    a_norm, b_norm = a64.norm(), b64.norm()
+    if a_norm == 0 or b_norm == 0:
         return math.nan
-    cosine = float((a64 @ b64) / denom)
-    return math.degrees(math.acos(max(-1.0, min(1.0, cosine))))
+    # Kahan's formula, 2 atan2(|u - v|, |u + v|) for unit u, v: exact near 0 and 180 degrees,
+    # where acos of a rounded cosine is off by ~1e-6 degrees.
+    u, v = a64 / a_norm, b64 / b_norm
+    return math.degrees(2 * math.atan2(float((u - v).norm()), float((u + v).norm())))
 
 
 def alignment(model: nn.Module) -> dict[str, dict[str, float]]:
@@ -109,9 +111,9 @@ def delta_alignment(
     saved_buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     saved_states = [layer.get_extra_state() for _, layer in layers]
     devices = [inputs.device] if inputs.device.type == "cuda" else []
-    seed = int(torch.randint(0, 2**62, (1,)))
     try:
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices):  # the caller's random stream is not consumed
+            seed = int(torch.randint(0, 2**62, (1,)))
             torch.manual_seed(seed)
             rule_errors = _input_errors(model, layers, loss_fn, inputs, targets)
             torch.manual_seed(seed)
