@@ -1,0 +1,506 @@
+"""The ``asymprop`` command: ``train``, ``compare``, ``report`` and ``list``.
+
+Settings come, later ones winning, from the defaults, a YAML file (``--config FILE`` or the
+name of a file in ``./experiments``), the flags, and trailing ``key=value`` overrides
+(``asymprop compare --config digits-all-rules epochs=3 rule_options.brsf.flip=0.25``).
+
+Bad input (an unknown rule, model or dataset, a model that does not fit the data, a bad rule
+option, a missing dataset) is one line on stderr naming the valid choices or the fix, and exit
+code 2. A run whose loss becomes NaN or infinite stops with exit code 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+__all__ = ["main"]
+
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+
+_PROG = "asymprop"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+class _BadInputError(Exception):
+    """Input the user can fix; the message is one line."""
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    print(_one_line(message), file=sys.stderr)
+    sys.exit(code)
+
+
+def _one_line(message: str) -> str:
+    """Messages with a list of searched folders become one line."""
+    return re.sub(r"\s*\n\s*", " ", str(message).strip())
+
+
+# --- parsing ------------------------------------------------------------------------------------
+
+
+def _value(text: str) -> Any:
+    """A command-line value: YAML scalars and lists (``0.25``, ``true``, ``[64, 64]``), and
+    numbers YAML 1.1 reads as strings (``1e-3``)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _key_value(text: str, what: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise _BadInputError(f"{what} expects KEY=VALUE, got {text!r}")
+    return key.strip(), _value(value.strip())
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """``rule_options.brsf.flip`` -> ``data["rule_options"]["brsf"]["flip"] = value``."""
+    *parents, last = dotted.split(".")
+    node = data
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise _BadInputError(f"cannot set {dotted!r}: {key!r} is not a mapping")
+        node = child
+    node[last] = value
+
+
+def _list(text: str) -> list[Any]:
+    return [_value(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def _common(parser: argparse.ArgumentParser, *, one_run: bool) -> None:
+    """Flags shared by ``train`` and ``compare``; all default to "not given"."""
+    s = argparse.SUPPRESS
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML file of settings (or the name of one in ./experiments); flags override it",
+    )
+    parser.add_argument(
+        "--data-dir",
+        dest="data_dir",
+        default=s,
+        metavar="DIR",
+        help="folder holding the dataset files (also $ASYMPROP_DATA)",
+    )
+    parser.add_argument(
+        "--download",
+        action="store_true",
+        default=s,
+        help="fetch a missing dataset from its canonical mirror",
+    )
+    parser.add_argument(
+        "--train-size",
+        dest="train_size",
+        type=int,
+        default=s,
+        metavar="N",
+        help="train on N examples drawn by the seed (default: all)",
+    )
+    parser.add_argument("--epochs", type=int, default=s, metavar="N")
+    parser.add_argument("--batch-size", dest="batch_size", type=int, default=s, metavar="B")
+    parser.add_argument("--lr", type=float, default=s, metavar="LR", help="learning rate")
+    parser.add_argument(
+        "--optimizer",
+        default=s,
+        metavar="NAME",
+        help="sgd, nesterov, adam, adamw, bm1, bm2 or bm3 (Batch Manhattan)",
+    )
+    parser.add_argument(
+        "--momentum",
+        type=float,
+        default=s,
+        metavar="M",
+        help="default 0.9 for sgd/nesterov/bm1-3, none for adam",
+    )
+    parser.add_argument("--weight-decay", dest="weight_decay", type=float, default=s, metavar="WD")
+    parser.add_argument("--device", default=s, help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=s,
+        metavar="N",
+        help="torch CPU threads (train: torch's default; compare: 1)",
+    )
+    parser.add_argument(
+        "--tensorboard",
+        action="store_true",
+        default=s,
+        help="also log to OUT/tensorboard (pip install tensorboard)",
+    )
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar or epoch lines")
+    rule_opt = "KEY=VALUE" if one_run else "[RULE.]KEY=VALUE"
+    parser.add_argument(
+        "--rule-opt",
+        dest="rule_opt",
+        action="append",
+        default=[],
+        metavar=rule_opt,
+        help="a rule option, e.g. flip=0.25 (repeatable; see asymprop list)"
+        + ("" if one_run else "; without RULE. it applies to every rule that has the option"),
+    )
+    parser.add_argument(
+        "--model-opt",
+        dest="model_opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE" if one_run else "[MODEL.]KEY=VALUE",
+        help="a model option, e.g. widths=[64,64] or batchnorm=true (repeatable)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="any setting of the config file, dotted for nested ones (rule_options.flip=0.25)",
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=_PROG,
+        description="Train PyTorch models without weight transport, and compare the rules.",
+        epilog="Run 'asymprop compare' with no arguments for the main job: every registered "
+        "rule on the digits dataset, about a minute on a laptop, offline.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    s = argparse.SUPPRESS
+
+    train = sub.add_parser(
+        "train",
+        help="train one run",
+        description="Train one model with one feedback rule; writes config.yaml, metrics.csv "
+        "(one row per epoch), checkpoint.pt and plots to --out "
+        "(default runs/<rule>-<model>-<data>-seed<seed>).",
+    )
+    train.add_argument("--rule", default=s, help="feedback rule (default bp; see asymprop list)")
+    train.add_argument("--model", default=s, help="model (default mlp)")
+    train.add_argument("--data", default=s, help="dataset (default digits)")
+    train.add_argument("--seed", type=int, default=s)
+    train.add_argument("--out", default=s, metavar="DIR", help="run directory")
+    _common(train, one_run=True)
+
+    compare = sub.add_parser(
+        "compare",
+        help="run rules x models x datasets x seeds and summarise (no arguments: the main job)",
+        description="Run the product of rules, models, datasets and seeds one after another; "
+        "writes results.csv, summary.md, accuracy.png, loss.png and alignment.png to --out "
+        "(default runs/compare, replaced) and one run directory per run under OUT/runs. With "
+        "no arguments: every registered rule on digits with a 64-128-128-10 MLP, Adam lr 1e-3, "
+        "10 epochs, seed 0.",
+    )
+    compare.add_argument(
+        "--rules",
+        type=_list,
+        default=s,
+        metavar="R1,R2",
+        help="rules, or 'all' (default: all registered rules)",
+    )
+    compare.add_argument(
+        "--models", type=_list, default=s, metavar="M1,M2", help="models (default mlp)"
+    )
+    compare.add_argument(
+        "--data", type=_list, default=s, metavar="D1,D2", help="datasets (default digits)"
+    )
+    compare.add_argument(
+        "--seeds", type=_list, default=s, metavar="S1,S2", help="seeds (default 0)"
+    )
+    compare.add_argument(
+        "--out", default=s, metavar="DIR", help="output directory (default runs/compare)"
+    )
+    _common(compare, one_run=False)
+
+    report = sub.add_parser(
+        "report",
+        help="redraw the plots and summary of a compare or train directory",
+        description="Redraw the plots and summary.md from the CSV files in DIR and print the "
+        "summary table.",
+    )
+    report.add_argument("directory", metavar="DIR")
+
+    sub.add_parser("list", help="list the rules (with their options), models, datasets, optimizers")
+    return parser
+
+
+# --- settings -----------------------------------------------------------------------------------
+
+_FLAGS_TRAIN = ("rule", "model", "data", "seed", "out")
+_FLAGS_COMPARE = ("rules", "models", "data", "seeds", "out")
+_FLAGS_SHARED = (
+    "data_dir",
+    "download",
+    "train_size",
+    "epochs",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "device",
+    "threads",
+    "tensorboard",
+)
+
+
+def _config_file(name: str) -> Path:
+    path = Path(name)
+    if path.is_file():
+        return path
+    named = Path("experiments") / f"{name}.yaml"
+    if named.is_file():
+        return named
+    available = sorted(p.stem for p in Path("experiments").glob("*.yaml"))
+    choices = f"; named configs in ./experiments: {', '.join(available)}" if available else ""
+    raise _BadInputError(f"config file {name!r} not found{choices}")
+
+
+def _settings(args: argparse.Namespace, flags: Sequence[str]) -> dict[str, Any]:
+    """File < flags < key=value overrides, as one flat dict of settings."""
+    from .records import read_yaml
+
+    data: dict[str, Any] = read_yaml(_config_file(args.config)) if args.config else {}
+    for name in (*flags, *_FLAGS_SHARED):
+        if name in args:
+            data[name] = getattr(args, name)
+    for text in args.overrides:
+        key, value = _key_value(text, "an override")
+        _set_dotted(data, key, value)
+    return data
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    from .experiment import RunConfig, config_from_dict
+
+    data = _settings(args, _FLAGS_TRAIN)
+    for text in args.rule_opt:
+        key, value = _key_value(text, "--rule-opt")
+        data.setdefault("rule_options", {})[key] = value
+    for text in args.model_opt:
+        key, value = _key_value(text, "--model-opt")
+        data.setdefault("model_options", {})[key] = value
+    source = f"config {args.config}" if args.config else "settings"
+    return config_from_dict(RunConfig, data, source)
+
+
+def _compare_config(args: argparse.Namespace) -> Any:
+    from .compare import compare_config
+    from .rules import RULES
+
+    data = _settings(args, _FLAGS_COMPARE)
+    config = compare_config(data, f"config {args.config}" if args.config else "settings")
+    rules = config.rule_names()
+    for text in args.rule_opt:
+        key, value = _key_value(text, "--rule-opt")
+        rule, _, option = key.rpartition(".")
+        targets = [rule] if rule else [r for r in rules if r in RULES and _has_option(r, option)]
+        if not targets:
+            listing = "; ".join(
+                f"{r}: {', '.join(_options(r)) or 'none'}" for r in rules if r in RULES
+            )
+            raise _BadInputError(
+                f"--rule-opt {key}: no rule in this comparison has option {option!r} ({listing})"
+            )
+        for target in targets:
+            config.rule_options.setdefault(target, {})[option] = value
+    for text in args.model_opt:
+        key, value = _key_value(text, "--model-opt")
+        model, _, option = key.rpartition(".")
+        for target in [model] if model else config.models:
+            config.model_options.setdefault(target, {})[option] = value
+    return config
+
+
+def _options(rule: str) -> list[str]:
+    import dataclasses
+
+    from .rules import RULES
+
+    return [f.name for f in dataclasses.fields(RULES[rule])]
+
+
+def _has_option(rule: str, option: str) -> bool:
+    return option in _options(rule)
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def _bar(total: int, quiet: bool, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="step",
+        disable=quiet or not sys.stderr.isatty(),
+        dynamic_ncols=True,
+        leave=False,
+    )
+
+
+def _check(action: Any) -> Any:
+    """Run ``action`` (config checks, data loading, model building): bad input exits 2."""
+    from .data import DatasetNotFoundError
+    from .experiment import ConfigError
+
+    try:
+        return action()
+    except (_BadInputError, ConfigError, DatasetNotFoundError) as err:
+        _fail(f"{_PROG}: error: {err}")
+    except (ValueError, TypeError) as err:  # the library's messages name the fix
+        _fail(f"{_PROG}: error: {err}")
+
+
+def _epoch_line(row: dict[str, Any]) -> str:
+    parts = [f"epoch {row['epoch']}"]
+    if math.isfinite(row["train_loss"]):
+        parts.append(f"train loss {row['train_loss']:.4f}")
+    parts.append(f"test loss {row['test_loss']:.4f}")
+    if math.isfinite(row["test_accuracy"]):
+        parts.append(f"test accuracy {100 * row['test_accuracy']:.2f}%")
+    angles = [v for k, v in row.items() if k.startswith("angle_deg/") and math.isfinite(v)]
+    if angles:
+        parts.append(f"mean angle(B, W) {sum(angles) / len(angles):.1f} deg")
+    return ", ".join(parts)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .experiment import prepare, train
+    from .train import DivergenceError
+
+    config = _check(lambda: _train_config(args))
+    run = _check(lambda: prepare(config))
+    out = config.run_dir
+    bar = _bar(run.steps_per_epoch() * config.epochs, args.quiet, config.rule)
+
+    def on_epoch(row: dict[str, Any]) -> None:
+        if not args.quiet:
+            bar.write(_epoch_line(row), file=sys.stderr)
+
+    if not args.quiet:
+        print(f"training {config.rule} on {config.model}/{config.data} -> {out}", file=sys.stderr)
+    try:
+        with bar:
+            train(config, run=run, progress=bar, on_epoch=on_epoch)
+    except DivergenceError as err:
+        _fail(
+            f"{_PROG}: error: run diverged in epoch {run.epoch + 1} (step {run.step + 1}): {err}; "
+            f"the last good epoch is in {out / 'checkpoint.pt'} (try a smaller --lr, batch norm, "
+            "or --optimizer bm1)",
+            EXIT_DIVERGED,
+        )
+    except KeyboardInterrupt:
+        _fail(f"{_PROG}: interrupted; finished epochs are in {out}", EXIT_INTERRUPTED)
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    print(f"wrote {out}: {', '.join(files)}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare, plan
+
+    started = time.perf_counter()
+    config = _check(lambda: _compare_config(args))
+    cache: dict[tuple[Any, ...], Any] = {}
+    runs = _check(lambda: plan(config, cache))
+    if not args.quiet:
+        print(
+            f"comparing {len(runs)} runs: rules {', '.join(config.rule_names())}; models "
+            f"{', '.join(config.models)}; data {', '.join(config.data)}; seeds "
+            f"{', '.join(map(str, config.seeds))} -> {config.out}",
+            file=sys.stderr,
+        )
+    bar = _bar(sum(steps for _, steps in runs), args.quiet, "compare")
+    try:
+        with bar:
+            results, table = compare(config, runs=runs, cache=cache, progress=bar)
+    except KeyboardInterrupt:
+        _fail(
+            f"{_PROG}: interrupted; finished runs are in {config.out}/results.csv", EXIT_INTERRUPTED
+        )
+    print(table, end="")
+    out = Path(config.out)
+    files = ", ".join(p.name for p in sorted(out.iterdir()) if p.is_file())
+    failed = sum(1 for r in results if r["status"] != "ok")
+    note = f"; {failed} run(s) diverged" if failed else ""
+    print(f"wrote {out}: {files} ({time.perf_counter() - started:.0f} s{note})")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .compare import report
+
+    table = _check(lambda: report(args.directory))
+    print(table, end="")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .data import list_datasets
+    from .models import list_models, model_options
+    from .optim import OPTIMIZERS
+    from .rules import RULES
+
+    print("rules (--rule, --rule-opt KEY=VALUE):")
+    for name, cls in RULES.items():
+        options = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
+        summary = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"  {name:10} {summary}" + (f"\n  {'':10} options: {options}" if options else ""))
+    print("models (--model, --model-opt KEY=VALUE):")
+    for name in list_models():
+        options = ", ".join(f"{k}={v!r}" for k, v in model_options(name).items())
+        print(f"  {name:14} {options}")
+    print(f"datasets (--data): {', '.join(list_datasets())}")
+    print(f"optimizers (--optimizer): {', '.join(OPTIMIZERS)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``asymprop`` command; returns the exit code."""
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
+    parser = _build_parser()
+    commands = {
+        "train": _cmd_train,
+        "compare": _cmd_compare,
+        "report": _cmd_report,
+        "list": _cmd_list,
+    }
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_BAD_INPUT
+        return commands[args.command](args)
+    except SystemExit as exit_:
+        return int(exit_.code) if isinstance(exit_.code, int) else EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

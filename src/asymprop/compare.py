@@ -1,0 +1,386 @@
+"""Many runs side by side (Liao et al.'s method): rules x models x datasets x seeds, one by one.
+
+    results, table = compare(CompareConfig(rules=["bp", "fa", "usf"], seeds=[0, 1, 2]))
+
+Every run is an ordinary :func:`asymprop.experiment.train` run in ``out/runs/<name>/``. After
+each run ``out/results.csv`` is rewritten (one row per finished run, so an interrupted
+comparison keeps what it did); at the end ``out/summary.md`` (mean ± s.e. over seeds per rule,
+model and dataset) and the plots of :mod:`asymprop.plotting`. :func:`report` redraws both from
+the files alone.
+
+With no settings, :class:`CompareConfig` is *the main job*: every registered rule on ``digits``
+with a small MLP, offline, about a minute on two CPU cores. Its choices, the same for every
+rule so that only the rule differs:
+
+* ``mlp`` with two hidden layers of 128 ReLU units and no batch norm (three converted layers,
+  so the alignment figure shows how angles grow with depth);
+* Adam, lr 1e-3, batch 32, 10 epochs. Adam divides each weight's step by its own running
+  gradient scale, so rules whose errors are far larger than backprop's (``usf``: sign(W) is tens
+  of times larger than W) learn without batch norm or Batch Manhattan;
+* one thread: these tiny matrix products run several times faster on one thread than on two
+  busy cores.
+
+Rule-specific settings go in ``rule_options`` and apply only when that rule is in the
+comparison; the main job sets none except for presets whose paper settings are sized for
+ImageNet (see :data:`MAIN_JOB_RULE_OPTIONS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .experiment import (
+    ConfigError,
+    DataCache,
+    Progress,
+    RunConfig,
+    check_config,
+    config_from_dict,
+    prepare,
+    train,
+)
+from .plotting import Curve, plot_curves, plot_run
+from .records import (
+    LAYER_METRICS,
+    RESULT_COLUMNS,
+    read_csv,
+    read_yaml,
+    summarize,
+    summary_table,
+    write_csv,
+    write_yaml,
+)
+from .rules import RULES
+from .train import DivergenceError
+
+__all__ = [
+    "MAIN_JOB_RULE_OPTIONS",
+    "CompareConfig",
+    "compare",
+    "compare_config",
+    "plan",
+    "report",
+    "result_row",
+]
+
+log = logging.getLogger(__name__)
+
+PER_RUN = ("rule", "rule_options", "model", "model_options", "data", "seed", "out")
+"""RunConfig settings that a comparison sets per run; all others are shared by every run."""
+SHARED = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in PER_RUN)
+
+MAIN_JOB_SETTINGS: dict[str, Any] = {"epochs": 10, "batch_size": 32, "optimizer": "adam"}
+MAIN_JOB_SETTINGS.update({"lr": 1e-3, "threads": 1})
+MAIN_JOB_MODEL_OPTIONS: dict[str, dict[str, Any]] = {"mlp": {"widths": [128, 128]}}
+MAIN_JOB_RULE_OPTIONS: dict[str, dict[str, Any]] = {
+    # The paper preset mirrors 2048-example noise batches and warms B up for 1250 steps (two
+    # ImageNet epochs): half a minute on digits. The same rule at a digits-sized scale.
+    "wm-paper": {"mirror_batch": 256, "warmup_steps": 200},
+}
+
+
+@dataclass
+class CompareConfig:
+    """A comparison: the product ``rules x models x data x seeds`` with shared ``settings``.
+
+    In a YAML file or on the command line the shared settings sit beside the others, flat
+    (``epochs: 5``); see :func:`compare_config`.
+
+    Attributes:
+        rules: rule names, or ``all`` for every registered rule (registry order).
+        models, data, seeds: the other axes.
+        rule_options: per rule name, its options (``{brsf: {flip: 0.25}}``); used when that
+            rule runs.
+        model_options: per model name, the builder's options.
+        settings: every other :class:`~asymprop.experiment.RunConfig` setting, shared by all
+            runs (epochs, batch_size, optimizer, lr, ...).
+        out: the comparison's directory.
+    """
+
+    rules: list[str] = field(default_factory=lambda: ["all"])
+    models: list[str] = field(default_factory=lambda: ["mlp"])
+    data: list[str] = field(default_factory=lambda: ["digits"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    rule_options: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {k: dict(v) for k, v in MAIN_JOB_RULE_OPTIONS.items() if k in RULES}
+    )
+    model_options: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {k: dict(v) for k, v in MAIN_JOB_MODEL_OPTIONS.items()}
+    )
+    settings: dict[str, Any] = field(default_factory=lambda: dict(MAIN_JOB_SETTINGS))
+    out: str = "runs/compare"
+
+    def rule_names(self) -> list[str]:
+        """``rules`` with ``all`` expanded to every registered rule, duplicates dropped."""
+        names: list[str] = []
+        for name in self.rules:
+            names += list(RULES) if name == "all" else [name]
+        return list(dict.fromkeys(names))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat plain data for ``config.yaml``: readable back by :func:`compare_config`."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        settings = data.pop("settings")
+        full = dataclasses.asdict(RunConfig(**settings))
+        return {**data, **{key: full[key] for key in SHARED}}
+
+
+def compare_config(data: Mapping[str, Any], source: str = "config") -> CompareConfig:
+    """A :class:`CompareConfig` from flat settings over the main job's defaults.
+
+    Keys are the comparison's own (``rules``, ``models``, ``data``, ``seeds``, ``rule_options``,
+    ``model_options``, ``out``) or any shared run setting (``epochs``, ``lr``, ...). The
+    per-rule and per-model options given are merged into the defaults, option by option.
+
+    Raises:
+        ConfigError: unknown key (lists the valid ones) or wrong type.
+    """
+    own = {f.name for f in dataclasses.fields(CompareConfig)} - {"settings"}
+    unknown = [key for key in data if key not in own and key not in SHARED]
+    if unknown:
+        per_run = [key for key in unknown if key in PER_RUN]
+        hint = (
+            f" (a comparison takes lists: {', '.join(_PLURAL[k] for k in per_run)})"
+            if per_run
+            else ""
+        )
+        raise ConfigError(
+            f"{source}: unknown setting {unknown[0]!r}{hint}; valid settings: "
+            f"{', '.join(sorted(own))}, {', '.join(SHARED)}"
+        )
+    mine = {key: value for key, value in data.items() if key in own}
+    config: CompareConfig = config_from_dict(CompareConfig, mine, source)
+    defaults = CompareConfig()
+    for name in ("rule_options", "model_options"):
+        merged = {k: dict(v) for k, v in getattr(defaults, name).items()}
+        for key, options in mine.get(name, {}).items():
+            merged.setdefault(key, {}).update(options)
+        setattr(config, name, merged)
+    shared = {key: value for key, value in data.items() if key in SHARED}
+    config_from_dict(RunConfig, shared, source)  # types of the shared settings
+    config.settings = {**MAIN_JOB_SETTINGS, **shared}
+    return config
+
+
+_PLURAL = {"rule": "rules", "model": "models", "data": "data", "seed": "seeds"}
+_PLURAL.update({"rule_options": "rule_options", "model_options": "model_options", "out": "out"})
+
+
+def plan(config: CompareConfig, cache: DataCache | None = None) -> list[tuple[RunConfig, int]]:
+    """Every run of the comparison with its number of training steps, all checked up front.
+
+    Each (rule, model, dataset) is prepared once (data loaded, model built and converted) so a
+    bad name, option, missing dataset or a model that does not fit fails before any training.
+
+    Raises:
+        ConfigError, ValueError, TypeError, asymprop.data.DatasetNotFoundError.
+    """
+    rules = config.rule_names()
+    for axis, values in (("rules", rules), ("models", config.models), ("data", config.data)):
+        if not values:
+            raise ConfigError(f"{axis} is empty: name at least one")
+    if not config.seeds:
+        raise ConfigError("seeds is empty: name at least one")
+    for name in config.rule_options:
+        if name not in RULES:
+            raise ConfigError(
+                f"rule_options names unknown rule {name!r}; valid rules: {', '.join(RULES)}"
+            )
+    runs: list[tuple[RunConfig, int]] = []
+    steps: dict[tuple[str, str, str], int] = {}
+    out = Path(config.out)
+    for data in config.data:
+        for model in config.models:
+            for rule in rules:
+                for seed in config.seeds:
+                    run_config = RunConfig(
+                        **config.settings,
+                        rule=rule,
+                        rule_options=dict(config.rule_options.get(rule, {})),
+                        model=model,
+                        model_options=dict(config.model_options.get(model, {})),
+                        data=data,
+                        seed=seed,
+                        out=str(out / "runs" / f"{rule}-{model}-{data}-seed{seed}"),
+                    )
+                    key = (rule, model, data)
+                    if key not in steps:
+                        check_config(run_config)
+                        prepared = prepare(run_config, cache)
+                        steps[key] = prepared.steps_per_epoch() * run_config.epochs
+                        del prepared
+                    runs.append((run_config, steps[key]))
+    return runs
+
+
+def result_row(config: RunConfig, rows: Sequence[Mapping[str, Any]], status: str) -> dict[str, Any]:
+    """The ``results.csv`` row of one run: final metrics and per-layer columns."""
+    last = dict(rows[-1]) if rows else {}
+    row: dict[str, Any] = {
+        "rule": config.rule,
+        "model": config.model,
+        "dataset": config.data,
+        "seed": config.seed,
+        "status": status,
+        "epochs": last.get("epoch", 0),
+        "train_loss": last.get("train_loss", math.nan),
+        "test_loss": last.get("test_loss", math.nan),
+        "test_accuracy": last.get("test_accuracy", math.nan),
+        "mean_angle_deg": _mean_over_layers(last, "angle_deg"),
+        "mean_delta_angle_deg": _mean_over_layers(last, "delta_angle_deg"),
+        "seconds": sum(r.get("seconds", 0.0) for r in rows),
+        "run_dir": config.run_dir.name,
+    }
+    for key, value in last.items():
+        if key.split("/")[0] in LAYER_METRICS:
+            row[key] = value
+    return row
+
+
+def _mean_over_layers(row: Mapping[str, Any], metric: str) -> float:
+    values = [
+        v
+        for k, v in row.items()
+        if k.startswith(f"{metric}/") and isinstance(v, int | float) and math.isfinite(v)
+    ]
+    return sum(values) / len(values) if values else math.nan
+
+
+def compare(
+    config: CompareConfig,
+    *,
+    runs: Sequence[tuple[RunConfig, int]] | None = None,
+    cache: DataCache | None = None,
+    progress: Progress | None = None,
+) -> tuple[list[dict[str, Any]], str]:
+    """Run every run of ``config`` and write the comparison; returns the rows and the table.
+
+    A run that diverges (NaN or infinite loss) is recorded with status ``diverged`` and its
+    last finished epoch; the others go on.
+
+    Args:
+        config: the comparison.
+        runs, cache: the output of an earlier :func:`plan` and the datasets it loaded (else
+            planned here).
+        progress: gets one ``update`` per training step of all runs together.
+    """
+    cache = cache if cache is not None else {}
+    runs = runs if runs is not None else plan(config, cache)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_yaml(out / "config.yaml", config.to_dict())
+    (out / "results.csv").unlink(missing_ok=True)
+    counter = _Counter(progress)
+    results: list[dict[str, Any]] = []
+    curves: list[tuple[RunConfig, list[dict[str, Any]]]] = []
+    for run_config, steps in runs:
+        start = counter.n
+        try:
+            rows = train(run_config, cache=cache, progress=counter, plots=False)
+            status = "ok"
+        except DivergenceError as err:
+            log.warning("%s diverged: %s", run_config.run_dir.name, err)
+            rows, status = _rows_so_far(run_config), "diverged"
+        counter.update(start + steps - counter.n)  # a diverged run's remaining steps
+        results.append(result_row(run_config, rows, status))
+        curves.append((run_config, rows))
+        write_csv(out / "results.csv", results, RESULT_COLUMNS)
+    table = _write_summary(out, results, curves)
+    return results, table
+
+
+class _Counter:
+    """Passes steps on to the progress bar and counts them."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress, self.n = progress, 0
+
+    def update(self, n: float | None = 1) -> bool | None:
+        self.n += int(n or 0)
+        return self.progress.update(n) if self.progress is not None and n else None
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        if self.progress is not None:
+            self.progress.set_postfix_str(s, refresh)
+
+
+def _rows_so_far(config: RunConfig) -> list[dict[str, Any]]:
+    path = config.run_dir / "metrics.csv"
+    return read_csv(path) if path.exists() else []
+
+
+def _write_summary(
+    out: Path,
+    results: Sequence[Mapping[str, Any]],
+    curves: Sequence[tuple[RunConfig, Sequence[Mapping[str, Any]]]],
+) -> str:
+    """``summary.md`` and the plots; returns the Markdown table."""
+    by = ["rule"]
+    for key in ("model", "dataset"):
+        if len({r[key] for r in results}) > 1:
+            by.append(key)
+    table = summary_table(summarize(results, by), by)
+    models = ", ".join(dict.fromkeys(str(r["model"]) for r in results))
+    datasets = ", ".join(dict.fromkeys(str(r["dataset"]) for r in results))
+    seeds = ", ".join(dict.fromkeys(str(r["seed"]) for r in results))
+    epochs = max((int(r["epochs"]) for r in results), default=0)
+    heading = (
+        f"# asymprop compare\n\nmodel {models}; data {datasets}; seeds {seeds}; {epochs} epochs. "
+        "Final epoch, mean ± s.e. over seeds; angles averaged over the converted layers "
+        "(angle B,W: between feedback and forward weights; delta angle: between the rule's "
+        "and backprop's error, on a fixed test batch).\n\n"
+    )
+    (out / "summary.md").write_text(heading + table)
+    groups: dict[tuple[str, str], dict[str, list[Sequence[Mapping[str, Any]]]]] = {}
+    for run_config, rows in curves:
+        group = groups.setdefault((run_config.model, run_config.data), {})
+        group.setdefault(run_config.rule, []).append(rows)
+    plot_curves(
+        [
+            Curve(rule, f"{model} / {data}", seeds)
+            for (model, data), by_rule in groups.items()
+            for rule, seeds in by_rule.items()
+        ],
+        out,
+    )
+    return table
+
+
+def report(directory: str | Path) -> str:
+    """Redraw the plots and summary of a ``compare`` or ``train`` directory from its files.
+
+    Returns the summary table.
+
+    Raises:
+        ConfigError: the directory holds neither ``results.csv`` nor ``metrics.csv``.
+    """
+    out = Path(directory)
+    if (out / "results.csv").exists():
+        results = read_csv(out / "results.csv")
+        curves = []
+        for result in results:
+            config = RunConfig(
+                rule=str(result["rule"]),
+                model=str(result["model"]),
+                data=str(result["dataset"]),
+                seed=int(result["seed"]),
+                out=str(out / "runs" / str(result["run_dir"])),
+            )
+            curves.append((config, _rows_so_far(config)))
+        return _write_summary(out, results, curves)
+    if (out / "metrics.csv").exists():
+        rows = read_csv(out / "metrics.csv")
+        saved = read_yaml(out / "config.yaml") if (out / "config.yaml").exists() else {}
+        config = config_from_dict(RunConfig, {**saved, "out": str(out)}, str(out / "config.yaml"))
+        plot_run(rows, out, title=config.rule)
+        return summary_table(summarize([result_row(config, rows, "ok")]), ["rule"])
+    raise ConfigError(
+        f"{out} holds neither results.csv (from asymprop compare) nor metrics.csv (from "
+        "asymprop train)"
+    )
