@@ -10,7 +10,7 @@ mirrors, node perturbation, ...). See SCIENCE.md for the equations and README.md
     ['bp', 'brsf', 'fa']
 """
 
-from . import functional, optim
+from . import direct, functional, optim, perturbation
 from .convert import convert, exact_backprop, feedback_layers, revert, unwrap
 from .layers import FeedbackConv2d, FeedbackLayer, FeedbackLinear, is_feedback_layer
 from .metrics import alignment, angle_deg, delta_alignment
@@ -31,12 +31,14 @@ __all__ = [
     "angle_deg",
     "convert",
     "delta_alignment",
+    "direct",
     "exact_backprop",
     "feedback_layers",
     "functional",
     "is_feedback_layer",
     "make_rule",
     "optim",
+    "perturbation",
     "register_rule",
     "revert",
     "train_step",

@@ -122,7 +122,10 @@ def delta_alignment(
     finally:
         with torch.no_grad():
             for name, b in model.named_buffers():
-                b.copy_(saved_buffers[name])
+                saved = saved_buffers[name]
+                if b.shape != saved.shape:  # shaped by this pass's backward (dfa's lazy B)
+                    b.resize_(saved.shape)
+                b.copy_(saved)
         for (_, layer), state in zip(layers, saved_states, strict=True):
             layer.set_extra_state(state)
     angles: dict[str, float] = {}

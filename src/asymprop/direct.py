@@ -1,0 +1,342 @@
+"""Direct feedback alignment: the output error goes straight to every layer (Nøkland 2016).
+
+Backprop and FA send the error down layer by layer; DFA sends the network's *output* error
+``e`` (the gradient at the output layer's pre-activation, ``dL/dy_out``) to every hidden layer
+through its own fixed random matrix::
+
+    delta_l = phi'(a_l) * (e @ B_{l+1})        # (N, n_out) @ (n_out, n_l) -> (N, n_l)
+    dW_{l+1} = delta_{l+1}^T h_l                # the usual local weight gradient
+
+Storage: layer ``k`` keeps ``feedback_weight`` of shape ``(n_out, *input_shape)`` (one example's
+input shape: ``(in_features,)`` for Linear, ``(C, H, W)`` for Conv2d) and sends ``e @ B_k`` to its
+input. The output layer's B therefore has W's shape (for it DFA is FA). B is drawn at the first
+backward pass, when ``n_out`` and the input shape are known: until then ``feedback_weight`` is an
+empty tensor (``alignment`` reports NaN), and the first layer, whose input is data, never draws
+one. The draw comes from the layer's seeded stream, so a seed fixes every B.
+
+How the chain is found (no targets in ``forward``, the user's loop is unchanged). Each converted
+layer's forward computes ``native_forward(x.detach())`` (exact weight gradient, no error to
+``x`` through W) followed by an identity autograd node that, in the backward pass, sends
+``e @ B`` to ``x``. Before adding the node, the layer walks the autograd graph back from ``x`` to
+the nearest such nodes (through activations, pooling, reshapes, normalisation):
+
+* none found: ``x`` is data, or comes from unconverted modules only -> a new chain starts;
+* exactly one, belonging to the last layer of its chain -> this layer continues that chain;
+* anything else is a graph where "the output error" of a layer is ill-defined, and raises:
+  two producers (a residual connection, a concatenation of towers), a producer that already
+  feeds another layer (a branch, a second head), or the same layer twice in one chain
+  (weight sharing, recurrence).
+
+In the backward pass the chain's last layer records ``e`` (its output gradient) before any other
+layer of the chain runs; if another layer's node runs first the loss does not depend on the chain
+through its last layer, and that raises too. Not detectable: a hidden output that also reaches the
+loss without passing a converted layer (an auxiliary loss on a hidden activation) adds its
+gradient to that layer's ``delta``. An unconverted output layer (``exclude``) makes the last
+converted layer the chain's output. Under ``torch.no_grad`` layers run their plain op.
+
+Paper: Nøkland 2016, "Direct feedback alignment provides learning in deep neural networks", as
+the DFA baseline of 004 (sec. 4.3, Table 1) and its DFA-shaped estimator g_DFA (sec. 3).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor
+
+from .rules import FeedbackRule, register_rule
+
+if TYPE_CHECKING:
+    from .layers import FeedbackLayer
+
+__all__ = [
+    "DFA",
+    "DirectChain",
+    "direct_feedback",
+    "direct_forward",
+    "draw_direct_feedback",
+    "resize_lazy_feedback",
+]
+
+#: ``draw(layer, shape, generator) -> Tensor``: B's initial value, drawn when first needed.
+Draw = Callable[["FeedbackLayer", tuple[int, ...], torch.Generator], Tensor]
+
+
+@dataclass(eq=False)
+class DirectChain:
+    """The converted layers that one forward pass ran in sequence, and their output error.
+
+    ``layers`` is in call order (the last one is the output layer); ``error`` is ``dL/dy`` of the
+    output layer from the latest backward pass through this graph, ``(N, *out_shape)``.
+    """
+
+    layers: list[FeedbackLayer] = field(default_factory=list)
+    error: Tensor | None = None
+
+
+@dataclass(eq=False)
+class _Call:
+    chain: DirectChain
+    index: int
+    layer: FeedbackLayer
+    draw: Draw
+
+
+class _DirectError(torch.autograd.Function):
+    """Identity on the layer's output; in the backward pass it sends ``e @ B`` to the input."""
+
+    @staticmethod
+    def forward(ctx: Any, output: Tensor, input: Tensor, call: _Call) -> Tensor:
+        ctx.call = call
+        ctx.input_shape = input.shape
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        call: _Call = ctx.call
+        chain = call.chain
+        if call.index == len(chain.layers) - 1:
+            chain.error = grad_output.detach()  # the output layer's backward always runs first
+        elif chain.error is None:
+            raise RuntimeError(
+                f"dfa: the backward pass reached {_describe(call.layer)} (layer {call.index + 1} "
+                f"of a chain of {len(chain.layers)}) before the chain's output layer "
+                f"{_describe(chain.layers[-1])}: the loss must depend on the network through the "
+                "output of the last converted layer (differentiate the model's output, not a "
+                "hidden activation)"
+            )
+        grad_input = None
+        if ctx.needs_input_grad[1]:
+            error = chain.error
+            assert error is not None
+            feedback = direct_feedback(call.layer, error, tuple(ctx.input_shape), call.draw)
+            n = error.shape[0]
+            # (N, n_out) @ (n_out, prod(input_shape)) -> (N, prod(input_shape)) -> input's shape
+            flat = error.reshape(n, -1) @ feedback.reshape(feedback.shape[0], -1).to(error.dtype)
+            grad_input = flat.reshape(ctx.input_shape)
+        return grad_output, grad_input, None
+
+
+def _describe(layer: FeedbackLayer) -> str:
+    return f"{type(layer).__name__}(weight {tuple(layer.weight.shape)})"
+
+
+def _direct_producers(input: Tensor) -> list[Any]:
+    """The nearest ``_DirectError`` nodes behind ``input`` in the autograd graph."""
+    found: list[Any] = []
+    seen: set[Any] = set()  # holds the node objects, so ids are never reused during the walk
+    stack = [input.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node, _DirectError._backward_cls):
+            found.append(node)
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+_FIX = (
+    "DFA sends the output error straight to each layer, so the converted layers must run as one "
+    "chain (MLPs, plain CNNs); convert the branch with a layer-wise rule such as 'fa' "
+    "(convert(model, rule_callable)) or leave it exact with convert(..., exclude=[...])"
+)
+
+
+def _chain_for(layer: FeedbackLayer, input: Tensor) -> DirectChain:
+    """The chain this call of ``layer`` continues (or a new one); raises for non-chains."""
+    producers = _direct_producers(input) if input.requires_grad else []
+    if not producers:
+        return DirectChain()
+    calls: list[_Call] = [node.call for node in producers]
+    if len(calls) > 1:
+        names = ", ".join(_describe(c.layer) for c in calls)
+        raise RuntimeError(
+            f"dfa: the input of {_describe(layer)} combines the outputs of several converted "
+            f"layers ({names}): a residual connection or a merge of branches, where the output "
+            f"error of a layer is ill-defined. {_FIX}"
+        )
+    call = calls[0]
+    chain = call.chain
+    if call.index != len(chain.layers) - 1:
+        raise RuntimeError(
+            f"dfa: {_describe(layer)} reads the output of {_describe(call.layer)}, which already "
+            f"feeds {_describe(chain.layers[call.index + 1])}: the network branches. {_FIX}"
+        )
+    if any(seen is layer for seen in chain.layers):
+        raise RuntimeError(
+            f"dfa: {_describe(layer)} is called twice in one forward pass (weight sharing or "
+            f"recurrence), so it would need two different output errors. {_FIX}"
+        )
+    return chain
+
+
+def direct_forward(
+    layer: FeedbackLayer, input: Tensor, draw: Draw
+) -> tuple[Tensor, DirectChain | None]:
+    """The layer's output, with DFA's backward pass: ``dL/dx = e_out @ B`` instead of ``dL/dy @ W``.
+
+    The weight and bias gradients are the layer's usual ones for the ``dL/dy`` that reaches it.
+    ``draw(layer, shape, generator)`` gives B when it is first needed (see the module docstring).
+
+    Returns:
+        ``(output, chain)``: ``chain`` is the :class:`DirectChain` the call joined, or None when
+        no graph is recorded (``torch.no_grad``, nothing requires grad).
+
+    Raises:
+        RuntimeError: the layer's input comes from a residual connection, a branch, or the same
+            layer earlier in the chain (see the module docstring).
+
+    Example:
+        >>> y, chain = direct_forward(layer, x, lambda l, s, g: torch.randn(s, generator=g))
+    """
+    if not torch.is_grad_enabled():
+        return layer.native_forward(input), None
+    output = layer.native_forward(input.detach())  # weight grads only; the error comes via B
+    if not (output.requires_grad or input.requires_grad):
+        return output, None
+    chain = _chain_for(layer, input)
+    chain.layers.append(layer)
+    call = _Call(chain, len(chain.layers) - 1, layer, draw)
+    return _DirectError.apply(output, input, call), chain
+
+
+def direct_feedback(
+    layer: FeedbackLayer, error: Tensor, input_shape: tuple[int, ...], draw: Draw
+) -> Tensor:
+    """The layer's DFA matrix ``(n_out, *input_shape[1:])``, drawn now if it is still empty.
+
+    Raises:
+        RuntimeError: B was drawn for another output size or input shape.
+    """
+    if error.shape[0] != input_shape[0]:
+        raise RuntimeError(
+            f"dfa: the output error has batch size {error.shape[0]} but the input of "
+            f"{_describe(layer)} has {input_shape[0]}: the first dimension must be the batch"
+        )
+    shape = (error[0].numel(), *input_shape[1:])
+    feedback = layer.feedback_weight
+    if tuple(feedback.shape) == shape:
+        return feedback
+    if feedback.numel() != 0:
+        raise RuntimeError(
+            f"dfa: {_describe(layer)} has feedback of shape {tuple(feedback.shape)}, drawn for "
+            f"another network output or input size; this pass needs {shape} = (output size, "
+            "*input shape)"
+        )
+    with torch.no_grad():
+        drawn = draw(layer, shape, layer.feedback_generator(feedback.device))
+        feedback.resize_(shape).copy_(drawn)  # in place: the buffer object stays the same
+    return feedback
+
+
+def draw_direct_feedback(
+    shape: tuple[int, ...],
+    generator: torch.Generator,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    init: str = "uniform",
+    gain: float = 1.0,
+) -> Tensor:
+    """A random DFA matrix: ``U(-a, a)`` or ``N(0, a^2)`` with ``a = gain / sqrt(n_out)``.
+
+    ``n_out = shape[0]`` is the number of output errors summed into each entry of ``e @ B``, so
+    ``e @ B`` has about the size of ``e`` whatever the output width.
+    """
+    bound = gain / math.sqrt(shape[0])
+    if init == "uniform":
+        drawn = torch.rand(shape, generator=generator, device=device) * 2 - 1
+    else:
+        drawn = torch.randn(shape, generator=generator, device=device)
+    return (drawn * bound).to(dtype)
+
+
+def resize_lazy_feedback(
+    module: torch.nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    *args: Any,
+) -> None:
+    """``load_state_dict`` pre-hook: resize ``feedback*`` buffers to the shapes being loaded.
+
+    Buffers whose shape is fixed only at the first backward (DFA's B, regression statistics)
+    may be empty in a fresh model and full in a checkpoint, or the other way round.
+    """
+    for name, buffer in module.named_buffers(recurse=False):
+        saved = state_dict.get(prefix + name)
+        if not (name.startswith("feedback") and isinstance(saved, Tensor)):
+            continue
+        if saved.shape != buffer.shape:
+            buffer.resize_(saved.shape)
+
+
+def init_lazy_feedback(layer: FeedbackLayer, generator: torch.Generator) -> None:
+    """Seed the layer's stream and install an empty B whose shape the first backward fixes."""
+    layer.seed_feedback_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    layer.set_feedback_weight(layer.weight.detach().new_empty(0))
+    layer.register_load_state_dict_pre_hook(resize_lazy_feedback)
+
+
+@register_rule
+@dataclass(frozen=True)
+class DFA(FeedbackRule):
+    """Direct feedback alignment: fixed random matrices carry the output error to each layer.
+
+    ``delta_l = phi'(a_l) * (e_out @ B_{l+1})``; ``B_{l+1}`` of shape ``(n_out, *input_shape)``
+    is drawn at the first backward pass from ``U(-a, a)`` (``init="uniform"``) or ``N(0, a^2)``
+    (``init="normal"``), ``a = gain / sqrt(n_out)``, and never changes. Works with the ordinary
+    loop (``loss.backward(); optimizer.step()``) on any model whose converted layers run as one
+    chain; raises for residual connections, branches and layers called twice (module docstring).
+
+    Options:
+        init: ``"uniform"`` or ``"normal"``.
+        gain: multiplies the scale ``1/sqrt(n_out)``.
+
+    Example:
+        >>> model = asymprop.convert(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)),
+        ...                          "dfa", seed=0)
+        >>> nn.functional.mse_loss(model(torch.randn(5, 4)), torch.zeros(5, 2)).backward()
+        >>> model[2].feedback_weight.shape   # (n_out, in_features): B_2 maps e to h_1
+        torch.Size([2, 8])
+
+    Paper: Nøkland 2016; the DFA baseline of 004 (Table 1, 2b).
+    """
+
+    name = "dfa"
+    init: Literal["uniform", "normal"] = "uniform"
+    gain: float = 1.0
+
+    def validate(self) -> None:
+        if not self.gain > 0:
+            raise ValueError(f"rule 'dfa' option gain={self.gain!r} must be > 0")
+
+    def init_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> None:
+        init_lazy_feedback(layer, generator)
+
+    def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
+        """Empty: B's shape ``(n_out, *input_shape)`` is known at the first backward pass."""
+        return layer.weight.detach().new_empty(0)
+
+    def forward(self, layer: FeedbackLayer, input: Tensor) -> Tensor:
+        return direct_forward(layer, input, self.draw_feedback)[0]
+
+    def draw_feedback(
+        self, layer: FeedbackLayer, shape: tuple[int, ...], generator: torch.Generator
+    ) -> Tensor:
+        """B's initial value, drawn at the first backward pass."""
+        weight = layer.weight
+        return draw_direct_feedback(
+            shape,
+            generator,
+            device=weight.device,
+            dtype=weight.dtype,
+            init=self.init,
+            gain=self.gain,
+        )

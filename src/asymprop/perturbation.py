@@ -1,0 +1,651 @@
+"""Feedback learned by regression: node perturbation (004), synthetic gradients, the matching rule.
+
+Node perturbation (``np``, 004 sec. 2-4). Every engaged step of :func:`asymprop.train_step` runs
+the ordinary (clean) forward and backward pass, then a second, noisy forward pass in which every
+hidden activation is perturbed, ``h_i = sigma(W_i h_{i-1}) + c_h xi_i`` with ``xi_i ~ N(0, I)``:
+here the noise is added to the input of every converted layer whose input error is needed (all
+but the first). Comparing the losses of the two passes example by example estimates the
+gradient at each perturbed activation (004 eq. 2, Theorem 1)::
+
+    lambda_hat_i = (L_noisy - L_clean) xi_i / c_h            # per example, (N, n_i)
+
+and B is fitted so that the error it sends down, ``g(e; B)``, matches it (004 eq. 3)::
+
+    B = argmin  sum_n || g(e_n; B) - lambda_hat_n ||^2  (+ gamma ||B||^2 for ridge)
+
+with two shapes of g (option ``shape``):
+
+* ``"fa"``: ``g = e_{i+1} @ B_{i+1}`` (the papers' ``B^T e``), ``e_{i+1}`` the error at the
+  pre-activation of the next layer, itself sent down by the learned B above (004 Theorem 1-2);
+  B has W's shape;
+* ``"dfa"``: ``g = e_out @ B_{i+1}``, straight from the output error (004 Corollary 1, sec. 4.3);
+  B is ``(n_out, *input_shape)`` and routes the error as in :mod:`asymprop.direct`.
+
+and two fits (option ``fit``):
+
+* ``"sgd"`` (the paper's default): one step per minibatch on ``1/2 sum_n ||g_n - lambda_hat_n||^2``
+  (a sum over the minibatch, as in the authors' code): ``B -= lr_b e^T (e B - lambda_hat)``. With a
+  constant ``lr_b`` B fluctuates around the least-squares solution at a noise floor set by
+  ``lr_b`` and the estimator's variance (which grows with the number of perturbed units).
+* ``"ridge"`` (004 App. C.3): the exact solution of the regularised problem over *all* examples
+  seen so far, ``B = (sum e^T e + gamma I)^{-1} sum e^T lambda_hat``, from running sums kept as
+  buffers ``feedback_gram`` ``(p, p)`` and ``feedback_cross`` ``(p, n_in)`` (``p`` = the width of
+  ``e``); ``gamma`` is relative to the *sum* over examples, so its pull fades as data accrue.
+  Far faster convergence than SGD (no step size, no noise floor) at the cost of one ``p x p``
+  solve per layer per step; the statistics never forget, so it suits fixed or slowly changing W
+  (the paper used it with W fixed, App. B). Linear layers, or any layer with ``shape="dfa"``.
+
+Scales: every quantity is per example. ``loss_fn`` must be the mean or the sum over examples of a
+per-example loss (``F.mse_loss``, ``F.cross_entropy``, ``0.5 * ((y - t)**2).sum()``, ...): the
+per-example losses are computed with ``torch.func.vmap(loss_fn)`` over one-example slices, the
+reduction is identified from the batch loss (a clear error otherwise), and the regressor ``e``
+is autograd's error divided by it (``1/N`` for a mean), so ``lr_b`` and ``gamma`` do not depend
+on the reduction. Examples must not interact (no batch norm in training mode: the noise of one
+example would reach another's loss).
+
+Reproducibility: each layer draws its noise from its own seeded stream (``feedback_generator``),
+so a run, a reloaded checkpoint and every rank of a DDP job draw the same numbers; the noisy pass
+replays the clean pass's global random state (same dropout masks) and leaves buffers (batch-norm
+statistics) as they were. Under DDP every rank draws the noise of the *global* batch and uses its
+own rows, and the fit's sums (SGD gradient, ridge statistics) are all-reduced: training equals one
+process on the global batch, and B stays identical on every rank.
+
+The synthetic-gradient baseline ``sg`` fits B the same way to the *true* gradient at each layer's
+input (from an extra exact-backprop pass) instead of lambda_hat: not plausible, a reference
+(004 Table 2, App. C.5). The matching rule ``matched`` copies W's updates into B, with weight
+decay (004 sec. 4.2, App. C.5).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .convert import exact_backprop, unwrap
+from .direct import (
+    DirectChain,
+    direct_forward,
+    draw_direct_feedback,
+    init_lazy_feedback,
+    resize_lazy_feedback,
+)
+from .rules import FeedbackRule, StepContext, register_rule
+
+if TYPE_CHECKING:
+    from .layers import FeedbackLayer
+
+__all__ = [
+    "Matched",
+    "NodePerturbation",
+    "RegressionRule",
+    "SyntheticGradient",
+    "loss_scale",
+    "per_example_loss",
+    "perturbation_estimate",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimator and the per-example losses
+# ---------------------------------------------------------------------------------------------
+
+
+def perturbation_estimate(
+    clean_loss: Tensor, noisy_loss: Tensor, noise: Tensor, noise_std: float
+) -> Tensor:
+    """Node perturbation's estimate of ``dL/dh``: ``(L_noisy - L_clean) xi / c_h``, per example.
+
+    With ``h_noisy = h + c_h xi``, ``xi ~ N(0, I)``, linearising the loss gives
+    ``E[lambda_hat | x, y] = dL/dh + O(c_h)`` (004 eq. 1-2, Theorem 1).
+
+    Args:
+        clean_loss: ``(N,)`` per-example losses of the clean pass.
+        noisy_loss: ``(N,)`` per-example losses of the noisy pass.
+        noise: ``(N, *shape)`` the unit-variance noise ``xi`` of the perturbed activation.
+        noise_std: ``c_h``.
+
+    Returns:
+        ``(N, *shape)``: one estimate of ``dL_n/dh_n`` per example.
+
+    Example:
+        >>> h = torch.randn(4, 3); xi = torch.randn(4, 3); c = 1e-3
+        >>> loss = lambda h: (h ** 2).sum(1)                   # dL/dh = 2h
+        >>> lam = perturbation_estimate(loss(h), loss(h + c * xi), xi, c)  # ~ xi (xi . 2h)
+
+    Paper: 004 eq. (2).
+    """
+    diff = (noisy_loss - clean_loss).reshape(-1, *([1] * (noise.dim() - 1)))
+    return diff * noise / noise_std
+
+
+def per_example_loss(
+    loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, targets: Tensor
+) -> Tensor:
+    """``(N,)``: ``loss_fn`` applied to each one-example slice, via ``torch.func.vmap``.
+
+    ``loss_fn`` must accept a batch of one and be vmappable (the torch losses are; Python
+    control flow on tensor values, ``.item()`` or in-place writes to captured tensors are not).
+
+    Example:
+        >>> per_example_loss(F.cross_entropy, torch.randn(5, 3), torch.tensor([0, 1, 2, 0, 1]))
+    """
+
+    def one(output: Tensor, target: Tensor) -> Tensor:
+        return loss_fn(output.unsqueeze(0), target.unsqueeze(0))
+
+    return torch.func.vmap(one)(outputs, targets)
+
+
+def loss_scale(batch_loss: Tensor | float, per_example: Tensor) -> float:
+    """``dL_batch/dL_n``: ``1/N`` if the batch loss is the mean of ``per_example``, 1 for the sum.
+
+    Raises:
+        ValueError: the batch loss is neither (a weighted mean, a penalty term, ...).
+    """
+    n = per_example.numel()
+    total = float(per_example.detach().double().sum())
+    value = float(batch_loss.detach()) if isinstance(batch_loss, Tensor) else float(batch_loss)
+    for scale in (1.0 / n, 1.0):
+        if math.isclose(value, total * scale, rel_tol=1e-3, abs_tol=1e-12):
+            return scale
+    raise ValueError(
+        f"the batch loss {value:.6g} is neither the mean ({total / n:.6g}) nor the sum "
+        f"({total:.6g}) of the per-example losses loss_fn(outputs[n:n+1], targets[n:n+1]): "
+        "node perturbation and synthetic gradients compare losses example by example, so "
+        "loss_fn must reduce a per-example loss by mean or sum (add penalties elsewhere)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# What one engaged step records (clean pass) and injects (noisy pass)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Seen:
+    """One layer's call in the clean pass."""
+
+    input_shape: torch.Size
+    learns: bool  # its input error is needed (the input requires grad): B is used and fitted
+    chain: DirectChain | None
+    error: Tensor | None = None  # dL/dy at the layer's output, from the clean backward pass
+
+
+def _store_error(seen: _Seen, grad: Tensor) -> None:
+    seen.error = grad.detach()
+
+
+@dataclass(eq=False)
+class _Record:
+    cpu_rng: Tensor
+    cuda_rng: list[Tensor]
+    devices: list[torch.device]
+    calls: dict[FeedbackLayer, _Seen] = field(default_factory=dict)  # in call order
+
+    def add(
+        self, layer: FeedbackLayer, input: Tensor, output: Tensor, chain: DirectChain | None
+    ) -> None:
+        if layer in self.calls:
+            raise RuntimeError(
+                f"{type(layer).__name__}(weight {tuple(layer.weight.shape)}) is called twice in "
+                "one forward pass: a learned feedback matrix estimates one error per layer, so "
+                "weight sharing is not supported (convert the shared layer with another rule)"
+            )
+        seen = _Seen(input.shape, input.requires_grad, chain)
+        self.calls[layer] = seen
+        output.register_hook(partial(_store_error, seen))
+
+
+@dataclass(eq=False)
+class _NoisyPass:
+    noise_std: float
+    noise: dict[FeedbackLayer, Tensor | None]  # layers to perturb -> their unit noise xi
+    rows: tuple[int, int]  # (global batch size, this rank's first row): DDP ranks share a draw
+
+    def perturb(self, layer: FeedbackLayer, input: Tensor) -> Tensor:
+        total, first = self.rows
+        generator = layer.feedback_generator(input.device)
+        shape = (total, *input.shape[1:])  # the global batch's noise; this rank's rows below
+        xi = torch.randn(shape, generator=generator, device=input.device, dtype=input.dtype)
+        xi = xi[first : first + input.shape[0]]
+        self.noise[layer] = xi
+        return input + self.noise_std * xi
+
+
+# Set by train_step's hooks for the duration of one step; a ContextVar so concurrent threads
+# (and nested models) never see each other's step.
+_RECORDS: ContextVar[dict[int, _Record] | None] = ContextVar("asymprop_records", default=None)
+_NOISY: ContextVar[_NoisyPass | None] = ContextVar("asymprop_noisy_pass", default=None)
+
+
+@contextmanager
+def _replay(step: StepContext, record: _Record) -> Iterator[nn.Module]:
+    """Re-run the step's forward pass with the clean pass's random state; buffers untouched."""
+    model = unwrap(step.model)
+    saved = {
+        name: b.detach().clone()
+        for name, b in model.named_buffers()
+        if not name.rsplit(".", 1)[-1].startswith("feedback")
+    }
+    try:
+        with torch.random.fork_rng(devices=record.devices):
+            torch.set_rng_state(record.cpu_rng)
+            for device, state in zip(record.devices, record.cuda_rng, strict=True):
+                torch.cuda.set_rng_state(state, device)
+            yield model
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in saved:
+                    b.copy_(saved[name])
+
+
+def _is_data_parallel(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel) and dist.is_initialized()
+
+
+def _sum_over_ranks(model: nn.Module) -> Callable[[Tensor], None]:
+    """In-place sum over DDP ranks (the fit's sums then run over the global batch), or nothing."""
+    if not _is_data_parallel(model):
+        return lambda tensor: None
+    return lambda tensor: dist.all_reduce(tensor)
+
+
+def _global_rows(model: nn.Module, batch: int) -> tuple[int, int]:
+    """``(global batch size, index of this rank's first example)``; ``(batch, 0)`` alone."""
+    if not _is_data_parallel(model):
+        return batch, 0
+    sizes = [torch.zeros((), dtype=torch.int64) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor(batch, dtype=torch.int64))
+    counts = [int(size) for size in sizes]
+    return sum(counts), sum(counts[: dist.get_rank()])
+
+
+def _freeze_forward_weights(model: nn.Module) -> None:
+    """Warm-up: clear every forward parameter's gradient so ``optimizer.step()`` skips it."""
+    for name, param in unwrap(model).named_parameters():
+        if not name.rsplit(".", 1)[-1].startswith("feedback"):
+            param.grad = None
+
+
+def _uniform_feedback(layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
+    """FA's default B: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` in W's shape."""
+    bound = 1.0 / math.sqrt(layer.fan_in)
+    return (torch.rand(layer.weight.shape, generator=generator) * 2 - 1) * bound
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegressionRule(FeedbackRule):
+    """Abstract base of ``np`` and ``sg``: B fitted by regression onto a per-layer target.
+
+    Subclasses provide ``targets`` (what ``g(e; B)`` should match at each learning layer's input);
+    this class routes the error (``shape``), records the clean pass, fits B (``fit``) and runs the
+    warm-up. See the module docstring for the equations.
+    """
+
+    fit: Literal["sgd", "ridge"] = "sgd"
+    gamma: float = 0.1
+    lr_b: float = 5e-4
+    shape: Literal["fa", "dfa"] = "fa"
+    warmup_steps: int = 0
+
+    needs_train_step = True
+
+    def validate(self) -> None:
+        if not self.gamma > 0:
+            raise ValueError(f"rule {self.name!r} option gamma={self.gamma!r} must be > 0")
+        if not self.lr_b >= 0:
+            raise ValueError(f"rule {self.name!r} option lr_b={self.lr_b!r} must be >= 0")
+        if self.warmup_steps < 0:
+            raise ValueError(
+                f"rule {self.name!r} option warmup_steps={self.warmup_steps!r} must be >= 0"
+            )
+
+    # --- set-up -----------------------------------------------------------------------------
+    def init_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> None:
+        if self.fit == "ridge" and self.shape == "fa" and not isinstance(layer, nn.Linear):
+            raise ValueError(
+                f"rule {self.name!r} with fit='ridge' and shape='fa' fits a matrix, but "
+                f"{type(layer).__name__} sends its error through a convolution: use fit='sgd', "
+                "or shape='dfa' (whose B is a matrix for any layer)"
+            )
+        if self.shape == "dfa":
+            init_lazy_feedback(layer, generator)
+        else:
+            super().init_feedback(layer, generator)
+            layer.seed_feedback_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+            layer.register_load_state_dict_pre_hook(resize_lazy_feedback)
+        if self.fit == "ridge":  # running sums, sized at the first fit
+            layer.register_buffer("feedback_gram", layer.weight.detach().new_zeros(0))
+            layer.register_buffer("feedback_cross", layer.weight.detach().new_zeros(0))
+        layer.feedback_state["steps"] = 0
+
+    def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
+        """``shape="fa"``: FA's uniform B in W's shape; ``"dfa"``: empty until first needed."""
+        if self.shape == "dfa":
+            return layer.weight.detach().new_empty(0)
+        return _uniform_feedback(layer, generator)
+
+    def _draw_direct(
+        self, layer: FeedbackLayer, shape: tuple[int, ...], generator: torch.Generator
+    ) -> Tensor:
+        weight = layer.weight
+        return draw_direct_feedback(shape, generator, device=weight.device, dtype=weight.dtype)
+
+    # --- the pass ---------------------------------------------------------------------------
+    def forward(self, layer: FeedbackLayer, input: Tensor) -> Tensor:
+        noisy = _NOISY.get()
+        if noisy is not None:  # the noisy pass of a train_step: no graph, no recording
+            if layer in noisy.noise:
+                input = noisy.perturb(layer, input)
+            return layer.native_forward(input)
+        chain: DirectChain | None = None
+        if self.shape == "dfa":
+            output, chain = direct_forward(layer, input, self._draw_direct)
+        else:
+            output = layer.feedback_forward(input, layer.feedback_weight)
+        records = _RECORDS.get()
+        record = None if records is None else records.get(id(self))
+        if record is not None and output.requires_grad:
+            record.add(layer, input, output, chain)
+        return output
+
+    # --- train_step hooks -------------------------------------------------------------------
+    def before_forward(self, step: StepContext) -> None:
+        device = step.inputs.device
+        devices = [device] if device.type == "cuda" else []
+        record = _Record(
+            torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices], devices
+        )
+        records = dict(_RECORDS.get() or {})
+        records[id(self)] = record
+        _RECORDS.set(records)
+
+    def after_backward(self, step: StepContext) -> None:
+        records = dict(_RECORDS.get() or {})
+        record = records.pop(id(self), None)
+        _RECORDS.set(records or None)
+        if record is None or not record.calls:
+            raise RuntimeError(
+                f"rule {self.name!r}: the forward pass of train_step did not run through this "
+                "rule's layers with gradients enabled in this thread (nn.DataParallel runs "
+                "replicas in other threads: use DistributedDataParallel)"
+            )
+        owned = [layer for _, layer in step.layers if layer.rule is self]
+        steps = max(int(layer.feedback_state.get("steps", 0)) for layer in owned)
+        if steps < self.warmup_steps:
+            _freeze_forward_weights(step.model)
+        learning = [layer for layer, seen in record.calls.items() if seen.learns]
+        if learning and (self.lr_b > 0 or self.fit == "ridge"):
+            assert step.outputs is not None and step.loss is not None
+            clean = per_example_loss(step.loss_fn, step.outputs.detach(), step.targets)
+            scale = loss_scale(step.loss, clean)
+            targets = self.targets(step, record, learning, clean, scale)
+            reduce = _sum_over_ranks(step.model)
+            with torch.no_grad():
+                for layer in learning:
+                    regressor = self._regressor(record, layer)
+                    if regressor is not None:
+                        self._fit(layer, regressor / scale, targets[layer], reduce)
+        for layer in owned:
+            layer.feedback_state["steps"] = steps + 1
+
+    def targets(
+        self,
+        step: StepContext,
+        record: _Record,
+        learning: list[FeedbackLayer],
+        clean_loss: Tensor,
+        scale: float,
+    ) -> dict[FeedbackLayer, Tensor]:
+        """Per learning layer, ``(N, *input_shape)``: what the error at its input should be."""
+        raise NotImplementedError(f"{type(self).__name__} must implement targets")
+
+    # --- the fit ----------------------------------------------------------------------------
+    def _regressor(self, record: _Record, layer: FeedbackLayer) -> Tensor | None:
+        """``e`` of ``g(e; B)`` from the clean backward pass (None: no error reached it)."""
+        seen = record.calls[layer]
+        if self.shape == "fa":
+            return seen.error
+        chains = {id(s.chain): s.chain for s in record.calls.values()}
+        if len(chains) != 1 or seen.chain is None:
+            raise RuntimeError(
+                f"rule {self.name!r} with shape='dfa' needs the converted layers to run as one "
+                f"chain per forward pass, found {len(chains)}"
+            )
+        return seen.chain.error
+
+    def _fit(
+        self,
+        layer: FeedbackLayer,
+        regressor: Tensor,
+        target: Tensor,
+        reduce: Callable[[Tensor], None],
+    ) -> None:
+        """One SGD step on B, or the ridge solution over all data so far."""
+        if self.shape == "fa" and not isinstance(layer, nn.Linear):
+            self._fit_sgd_conv(layer, regressor, target, reduce)
+            return
+        if self.shape == "fa":  # rows: every leading position; (rows, out) and (rows, in)
+            e = regressor.reshape(-1, regressor.shape[-1])
+            t = target.reshape(-1, target.shape[-1])
+        else:  # rows: examples; (N, n_out) and (N, prod(input_shape))
+            e = regressor.reshape(regressor.shape[0], -1)
+            t = target.reshape(target.shape[0], -1)
+        feedback = layer.feedback_weight.view(e.shape[1], t.shape[1])  # B, a view: (p, n_in)
+        e, t = e.to(feedback.dtype), t.to(feedback.dtype)
+        if self.fit == "sgd":
+            # d/dB 1/2 sum_n ||e_n B - t_n||^2 = e^T (e B - t): (p, N) @ (N, n_in)
+            grad = e.t() @ (e @ feedback - t)
+            reduce(grad)
+            feedback.sub_(self.lr_b * grad)
+            return
+        gram, cross = layer.get_buffer("feedback_gram"), layer.get_buffer("feedback_cross")
+        if gram.numel() == 0:
+            gram.resize_(e.shape[1], e.shape[1]).zero_()
+            cross.resize_(e.shape[1], t.shape[1]).zero_()
+        d_gram, d_cross = e.t() @ e, e.t() @ t  # (p, p), (p, n_in)
+        reduce(d_gram)
+        reduce(d_cross)
+        gram.add_(d_gram)
+        cross.add_(d_cross)
+        eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+        solution = torch.linalg.solve(gram.double() + self.gamma * eye, cross.double())
+        feedback.copy_(solution)
+
+    def _fit_sgd_conv(
+        self,
+        layer: FeedbackLayer,
+        regressor: Tensor,
+        target: Tensor,
+        reduce: Callable[[Tensor], None],
+    ) -> None:
+        """SGD on B for a convolution: ``g = conv_transpose(e, B)``, the gradient by autograd."""
+        if not isinstance(layer, nn.Conv2d):
+            raise TypeError(f"rule {self.name!r} cannot fit feedback of {type(layer).__name__}")
+        feedback = layer.feedback_weight
+        kernel = feedback.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            # g is the input gradient of the conv with kernel B (linear in the input, so the
+            # probe's value does not matter); (N, C_in, H, W)
+            probe = torch.zeros_like(target, requires_grad=True)
+            (pred,) = torch.autograd.grad(
+                layer._conv_forward(probe, kernel, None), probe, regressor
+            )
+            # d/dB <e, conv(r, B)> = the conv's weight gradient for input r and output grad e
+            residual = pred - target
+            (grad,) = torch.autograd.grad(
+                layer._conv_forward(residual, kernel, None), kernel, regressor
+            )
+        reduce(grad)
+        feedback.sub_(self.lr_b * grad)
+
+
+@register_rule
+@dataclass(frozen=True)
+class NodePerturbation(RegressionRule):
+    """Node perturbation: B learned by regressing the error it sends onto noise-driven estimates.
+
+    Each engaged step: clean pass, backward, then a noisy pass with ``h_i += c_h xi_i`` on every
+    hidden activation (the input of every converted layer but the first); per example
+    ``lambda_hat_i = (L_noisy - L_clean) xi_i / c_h`` and B is fitted to
+    ``argmin sum ||g(e; B) - lambda_hat||^2`` (module docstring: shapes, fits, scales).
+
+    Options:
+        fit: ``"sgd"`` (default) or ``"ridge"`` (online ridge regression, App. C.3).
+        gamma: the ridge regularisation, relative to the sum over all examples seen.
+        noise_std: ``c_h``, the standard deviation of the activation noise.
+        lr_b: B's SGD learning rate (the step on a sum over the minibatch); 0 freezes B (FA).
+        shape: ``"fa"`` (``B e_{i+1}``, from the next layer) or ``"dfa"`` (``B e_out``).
+        warmup_steps: engaged steps at the start during which only B learns (W frozen).
+
+    Needs ``asymprop.train_step`` (it must see the batch and the loss); ``update_feedback``
+    alone raises.
+
+    Example:
+        >>> model = asymprop.convert(net, "np", seed=0, fit="ridge", gamma=0.1)
+        >>> for x, y in loader:
+        ...     asymprop.train_step(model, optimizer, loss_fn, x, y)
+
+    Paper: 004 (Lansdell, Prakash, Kording 2020) sec. 2-4, Theorem 1-2, Corollary 1, App. B-C.
+    """
+
+    name = "np"
+    noise_std: float = 0.01
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.noise_std > 0:
+            raise ValueError(f"rule 'np' option noise_std={self.noise_std!r} must be > 0")
+
+    def targets(
+        self,
+        step: StepContext,
+        record: _Record,
+        learning: list[FeedbackLayer],
+        clean_loss: Tensor,
+        scale: float,
+    ) -> dict[FeedbackLayer, Tensor]:
+        rows = _global_rows(step.model, int(step.inputs.shape[0]))
+        noisy = _NoisyPass(self.noise_std, dict.fromkeys(learning), rows)
+        token = _NOISY.set(noisy)
+        try:
+            with _replay(step, record) as model, torch.no_grad():
+                outputs = model(step.inputs)
+        finally:
+            _NOISY.reset(token)
+        noisy_loss = per_example_loss(step.loss_fn, outputs, step.targets)
+        estimates = {}
+        for layer, xi in noisy.noise.items():
+            if xi is None:
+                raise RuntimeError(
+                    f"rule 'np': the noisy pass did not reach {type(layer).__name__}(weight "
+                    f"{tuple(layer.weight.shape)}); the forward pass must not depend on chance "
+                    "beyond torch's global generator"
+                )
+            estimates[layer] = perturbation_estimate(clean_loss, noisy_loss, xi, self.noise_std)
+        return estimates
+
+
+@register_rule
+@dataclass(frozen=True)
+class SyntheticGradient(RegressionRule):
+    """Synthetic-gradient baseline: B fitted to the *true* gradient at each layer's input.
+
+    As ``np``, with ``lambda_hat`` replaced by ``lambda = dL/dh`` from an extra exact-backprop
+    pass on the same batch (a forward and a backward pass through W): it uses weight transport
+    and exact gradients as supervision, so it is not plausible; it measures what a perfect
+    estimator would give (004 Table 2, "SG"; g = B e as in App. C.5, not Jaderberg's B^T h + c).
+
+    Options: ``fit``, ``gamma``, ``lr_b``, ``shape``, ``warmup_steps`` as for ``np``.
+
+    Example:
+        >>> model = asymprop.convert(net, "sg", seed=0, lr_b=1e-3)
+
+    Paper: 004 sec. 4.4 and App. C.5 (after Jaderberg et al. 2016).
+    """
+
+    name = "sg"
+
+    def targets(
+        self,
+        step: StepContext,
+        record: _Record,
+        learning: list[FeedbackLayer],
+        clean_loss: Tensor,
+        scale: float,
+    ) -> dict[FeedbackLayer, Tensor]:
+        inputs: dict[FeedbackLayer, Tensor] = {}
+
+        def capture(module: nn.Module, args: tuple[Any, ...]) -> None:
+            inputs[module] = args[0]  # type: ignore[index]
+
+        handles = [layer.register_forward_pre_hook(capture) for layer in learning]
+        try:
+            with _replay(step, record) as model, torch.enable_grad(), exact_backprop(model):
+                loss = step.loss_fn(model(step.inputs), step.targets)
+                grads = torch.autograd.grad(loss, [inputs[layer] for layer in learning])
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {layer: grad / scale for layer, grad in zip(learning, grads, strict=True)}
+
+
+@register_rule
+@dataclass(frozen=True)
+class Matched(FeedbackRule):
+    """The matching rule: B receives every update W receives, and decays.
+
+    After each ``optimizer.step()`` (``update_feedback``)::
+
+        B <- (1 - weight_decay) B + (W_t - W_{t-1})
+
+    whatever the optimizer did to W (momentum, Adam, its own weight decay). If W decays by the
+    same factor (e.g. ``SGD(weight_decay=weight_decay / lr)``), ``B - W`` shrinks by
+    ``(1 - weight_decay)`` every step, as in Kolen-Pollack; without decay on W, B follows an
+    exponential average of W's recent updates. ``W_{t-1}`` is kept in the buffer
+    ``feedback_previous_weight`` (a copy of W), so change W only through the optimizer after
+    ``convert`` (initialise W before converting). B starts as FA's random B.
+
+    Options:
+        weight_decay: B's decay per step, in [0, 1).
+
+    Example:
+        >>> model = asymprop.convert(net, "matched", seed=0, weight_decay=1e-3)
+        >>> loss.backward(); optimizer.step(); asymprop.update_feedback(model)
+
+    Paper: 004 sec. 4.2 and App. C.5 (after Rombouts et al. 2015; Martinolli et al. 2018).
+    """
+
+    name = "matched"
+    weight_decay: float = 1e-4
+
+    def validate(self) -> None:
+        if not 0 <= self.weight_decay < 1:
+            raise ValueError(
+                f"rule 'matched' option weight_decay={self.weight_decay!r} is out of range: "
+                "must be in [0, 1)"
+            )
+
+    def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
+        layer.register_buffer("feedback_previous_weight", layer.weight.detach().clone())
+        return _uniform_feedback(layer, generator)
+
+    def update_layer(self, layer: FeedbackLayer) -> None:
+        previous = layer.get_buffer("feedback_previous_weight")
+        layer.feedback_weight.mul_(1 - self.weight_decay).add_(layer.weight - previous)
+        previous.copy_(layer.weight)
