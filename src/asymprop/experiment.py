@@ -28,6 +28,7 @@ the mean squared reconstruction error, on pixels in [0, 1], and has no accuracy.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -381,8 +382,6 @@ def prepare(config: RunConfig, cache: DataCache | None = None) -> Run:
     """
     check_config(config)
     device = _device(config.device)
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
     normalize = config.normalize if config.normalize is not None else True
     dataset = load_data(config, normalize, cache)
     torch.manual_seed(config.seed)
@@ -572,6 +571,7 @@ def train(
     from .plotting import plot_run  # matplotlib only when a run finishes
 
     run = run if run is not None else prepare(config, cache)
+    config = run.config
     out = config.run_dir
     out.mkdir(parents=True, exist_ok=True)
     write_yaml(out / "config.yaml", config.to_dict())
@@ -583,8 +583,9 @@ def train(
     rows: list[dict[str, Any]] = []
     for epoch in range(0, config.epochs + 1):
         start = time.perf_counter()
-        train_loss = train_epoch(run, epoch, progress) if epoch > 0 else math.nan
-        row = {"epoch": epoch, "step": run.step, "train_loss": train_loss, **evaluate(run)}
+        with _torch_threads(config.threads):
+            train_loss = train_epoch(run, epoch, progress) if epoch > 0 else math.nan
+            row = {"epoch": epoch, "step": run.step, "train_loss": train_loss, **evaluate(run)}
         row["seconds"] = time.perf_counter() - start
         row = {key: row[key] for key in columns}
         append_row(metrics_path, row)
@@ -602,6 +603,18 @@ def train(
     if plots:
         plot_run(rows, out, title=config.rule)
     return rows
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` inside the block only (None: leave it)."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _tensorboard(out: Path) -> Any:
