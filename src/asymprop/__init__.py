@@ -12,8 +12,10 @@ mirrors, node perturbation, ...). See SCIENCE.md for the equations and README.md
 
 from . import direct, functional, optim, perturbation
 from .convert import convert, exact_backprop, feedback_layers, revert, unwrap
+from .groups import param_groups
 from .layers import FeedbackConv2d, FeedbackLayer, FeedbackLinear, is_feedback_layer
 from .metrics import alignment, angle_deg, delta_alignment
+from .mirror import mirror
 from .rules import RULES, FeedbackRule, StepContext, make_rule, register_rule
 from .train import DivergenceError, train_step, update_feedback
 
@@ -37,7 +39,9 @@ __all__ = [
     "functional",
     "is_feedback_layer",
     "make_rule",
+    "mirror",
     "optim",
+    "param_groups",
     "perturbation",
     "register_rule",
     "revert",

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BP",
     "FA",
+    "KP",
     "RULES",
     "USF",
     "BrSF",
@@ -462,3 +463,49 @@ class FrSF(FeedbackRule):
     def update_layer(self, layer: FeedbackLayer) -> None:
         feedback = _buffer(layer, "feedback_magnitude") * torch.sign(layer.weight)
         layer.feedback_weight.copy_(_apply_scale(self.scale, layer, feedback))
+
+
+# ---------------------------------------------------------------------------------------------
+# Learned feedback (issue 3): Kolen-Pollack. Weight mirrors live in ``asymprop.mirror``.
+# ---------------------------------------------------------------------------------------------
+
+
+@register_rule
+@dataclass(frozen=True)
+class KP(FeedbackRule):
+    """Kolen-Pollack: B is trained by its own local signals, with W's step and W's weight decay.
+
+    ``dW = -eta delta_{l+1} y_l^T - lambda W`` and ``dB = -eta y_l delta_{l+1}^T - lambda B``
+    (B stored in W's shape, so both read ``-eta grad - lambda X``). B gets a gradient equal in
+    value to W's, computed from the layer's input and output error (never from W), so
+    ``B - W`` shrinks by ``(1 - lr * lambda)`` per plain-SGD step: the angle between B and W
+    falls at a rate set by ``lr x weight_decay`` (003 eq. 12-18).
+
+    ``feedback_weight`` is an ``nn.Parameter``: any ``torch.optim`` optimizer handed
+    ``model.parameters()`` *after* ``convert`` updates it like W (same lr, momentum, weight
+    decay). Without weight decay B - W never shrinks (B only looks aligned once the summed
+    gradients dwarf the initial weights). ``asymprop.param_groups(model, lr=...)`` gives B its
+    own hyperparameters for ablations. B starts random, drawn as for ``fa``.
+
+    Options:
+        init: ``"uniform"`` or ``"normal"`` (the initial random B, as ``fa``).
+        gain: multiplies the initial scale ``1/sqrt(fan_in)``.
+
+    Example:
+        >>> model = asymprop.convert(model, "kp", seed=0)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+
+    Paper: 000 Alg. 2 and App. B; 001 (KP circuit); 003 eq. (12)-(18).
+    """
+
+    name = "kp"
+    trainable_feedback = True
+    init: Literal["uniform", "normal"] = "uniform"
+    gain: float = 1.0
+
+    def validate(self) -> None:
+        if not self.gain > 0:
+            raise ValueError(f"rule 'kp' option gain={self.gain!r} must be > 0")
+
+    def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
+        return FA(init=self.init, gain=self.gain).initial_feedback(layer, generator)

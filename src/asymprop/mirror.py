@@ -1,0 +1,444 @@
+"""Weight mirrors (Akrout et al. 2019): the ``wm`` rule and pure mirror mode, :func:`mirror`.
+
+A weight-mirror network alternates two modes (000 Alg. 1):
+
+* **engaged mode** is feedback alignment with the current B: the error travels down through B;
+* **mirror mode** teaches B the transpose of W without transporting it. Noise
+  ``y_l ~ N(0, sigma^2)`` is fed into a layer's input, the layer drives its output
+  ``y_{l+1} = phi(W y_l)`` with the bias blocked, the batch means are subtracted from both, and B
+  takes a Hebbian step on their covariance with weight decay::
+
+      B <- (1 - decay) B + eta_b * cov(y_{l+1}, y_l)          (B in W's shape, (out, in))
+
+  For Gaussian noise, Stein's lemma gives ``E[cov] = sigma^2 E[phi'(W y_l)] W`` exactly; with the
+  bias blocked the mean slope of ReLU is 1/2 (the paper's ``phi'(0)``, 003 eq. 11), of the
+  identity 1. So B converges to ``(eta_b sigma^2 slope / decay) W``: the paper's values (eta_b 0.1,
+  decay 0.5, sigma 1, ReLU) give ``B = 0.1 W``. Our default ``eta_b=None`` picks the eta_b that
+  makes the multiple 1, so errors keep backprop's scale in networks without batch norm.
+
+Noise has the shape of the batch the layer saw in its last forward pass (``mirror_batch``
+replaces its batch size). Conv layers estimate, for each shared weight, the covariance averaged
+over the input/output pairs it connects (000 App. D.2): a weight-gradient op with the noise as
+input and the driven output as output gradient, divided per kernel tap by the number of pairs
+that tap connects (padding is not a neuron) times the batch.
+
+Mirror mode reads W and writes B only: it runs without grad, calls the layer's op directly (never
+the model's forward), so batch norm, its running statistics, dropout and every other part of the
+forward path are bypassed and untouched. In engaged mode the error crosses batch-norm layers
+through autograd's own batch-norm backward (BN is a per-channel op with no weight matrix to
+transport, and is not converted); 000 App. D.3 passed only BN's scale to the feedback path.
+
+All random numbers come from each layer's own stream (``layer.feedback_generator()``), a pure
+function of the conversion seed and the layer's draw count, saved in ``state_dict``: every rank
+of a data-parallel job, and a reloaded model, mirrors identically.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import torch.nn.grad
+from torch import Tensor, nn
+
+from .convert import feedback_layers, unwrap
+from .layers import FeedbackConv2d, FeedbackLayer
+from .rules import FA, FeedbackRule, StepContext, _check_range, register_rule
+
+__all__ = ["WM", "WMPaper", "mirror"]
+
+logger = logging.getLogger(__name__)
+
+Nonlinearity = Literal["relu", "identity"]
+Schedule = Literal["layerwise", "alternate"]
+
+
+@register_rule
+@dataclass(frozen=True)
+class WM(FeedbackRule):
+    """Weight mirrors: FA with a feedback weight B that mirror mode keeps proportional to W.
+
+    Engaged mode sends the error through the current B. After every ``optimizer.step()``,
+    ``asymprop.update_feedback`` (or ``train_step``) runs ``mirror_steps`` mirror steps; before
+    the first engaged step each layer gets ``warmup_steps`` pure mirror steps (the paper's
+    warm-up epochs; steps already run by :func:`mirror` count). One mirror update of a layer::
+
+        y_l = noise_std * N(0, I)                    # (mirror_batch, *input_shape[1:])
+        y_{l+1} = phi(W y_l)                         # the layer's op, bias blocked
+        d_l, d_{l+1} = y_l - mean(y_l), y_{l+1} - mean(y_{l+1})     # batch means
+        B <- (1 - decay) B + eta_b * d_{l+1}^T d_l / (N - 1)         # (out, in), W's shape
+
+    B converges to ``k W`` with ``k = eta_b * noise_std^2 * slope / decay`` (slope 1/2 for ReLU,
+    1 for identity; see the module docstring), and stays bounded for any W: the decay term
+    forgets old covariances geometrically. B averages the covariances of the last
+    ``~(2 - decay) / decay`` mirror batches, so its angle to W plateaus near
+    ``atan(sqrt(2 fan_in decay / ((2 - decay) N)))`` for a Linear layer with ReLU (N = mirror batch,
+    times the positions per weight for a conv), while it lags a moving W by ``~1 / decay``
+    mirror steps. Too much lag makes engaged training unstable: see ``docs/rules.md`` for the
+    measured plateau, the safe range of ``decay`` and why the defaults are what they are.
+
+    Options:
+        eta_b: Hebbian rate. ``None`` (default): ``decay / (noise_std^2 * slope)``, so B -> W.
+        decay: lambda_WM in (0, 1], the weight decay of B per mirror update.
+        noise_std: sigma, the standard deviation of the mirror noise.
+        mirror_batch: examples per mirror batch; ``None`` uses the batch size of the layer's last
+            forward pass (so one mirror step costs about one forward + one weight-gradient op of
+            the layer on an engaged batch, 000 App. B).
+        mirror_steps: mirror steps after each engaged step.
+        warmup_steps: pure mirror steps before the first engaged step.
+        nonlinearity: phi of the drive, ``"relu"`` (paper) or ``"identity"``.
+        schedule: ``"layerwise"`` (every layer mirrored once per mirror step, each with its own
+            noise, 000 Alg. 1) or ``"alternate"`` (every second layer per mirror step, the other
+            half on the next: 000 App. C.4; half the cost per step, half the updates per layer).
+        baseline: ``None`` subtracts batch means (000 Alg. 1 lines 14-15). A number beta > 0
+            uses the non-negative-signal variant of 000 App. C.2 (eq. 23-24): the input fires
+            ``beta + noise``, the bias is set to the default bias b- = beta (phi(b-) = beta,
+            phi'(b-) = 1 for ReLU and identity), and beta is subtracted from both signals
+            instead of the batch means. The slope in the formula for ``k`` is then 1.
+        init, gain: the initial random B, as for ``fa``.
+
+    Example:
+        >>> model = asymprop.convert(model, "wm", seed=0)
+        >>> asymprop.mirror(model, steps=200, example_input=x)   # optional explicit warm-up
+        >>> asymprop.train_step(model, opt, loss_fn, x, y)       # engaged step + mirror steps
+
+    Paper: 000 Alg. 1, App. B-D; 001 (weight mirror); 003 eq. (5)-(11).
+    """
+
+    name = "wm"
+    eta_b: float | None = None
+    decay: float = 0.5
+    noise_std: float = 1.0
+    mirror_batch: int | None = None
+    mirror_steps: int = 1
+    warmup_steps: int = 200
+    nonlinearity: Nonlinearity = "relu"
+    schedule: Schedule = "layerwise"
+    baseline: float | None = None
+    init: Literal["uniform", "normal"] = "uniform"
+    gain: float = 1.0
+
+    def validate(self) -> None:
+        if self.eta_b is not None and not self.eta_b > 0:
+            raise ValueError(f"rule {self.name!r} option eta_b={self.eta_b!r} must be > 0 or None")
+        if not 0 < self.decay <= 1:
+            raise ValueError(
+                f"rule {self.name!r} option decay={self.decay!r} is out of range: must be in "
+                "(0, 1] (decay > 0 keeps B bounded)"
+            )
+        if not self.noise_std > 0:
+            raise ValueError(f"rule {self.name!r} option noise_std={self.noise_std!r} must be > 0")
+        if self.mirror_batch is not None and self.mirror_batch < 2:
+            raise ValueError(
+                f"rule {self.name!r} option mirror_batch={self.mirror_batch!r} must be >= 2 "
+                "(batch means are subtracted) or None (the last forward pass's batch size)"
+            )
+        _check_range(self, "mirror_steps", 0, float("inf"))
+        _check_range(self, "warmup_steps", 0, float("inf"))
+        if self.baseline is not None and self.nonlinearity == "relu" and not self.baseline > 0:
+            raise ValueError(
+                f"rule {self.name!r} option baseline={self.baseline!r} must be > 0 with "
+                "nonlinearity='relu' (the default bias b- = baseline needs phi'(b-) > 0)"
+            )
+        if not self.gain > 0:
+            raise ValueError(f"rule {self.name!r} option gain={self.gain!r} must be > 0")
+
+    # --- derived constants ------------------------------------------------------------------
+    @property
+    def slope(self) -> float:
+        """Mean slope of phi over the drive: 1/2 for ReLU with the bias blocked, else 1."""
+        return 0.5 if self.nonlinearity == "relu" and self.baseline is None else 1.0
+
+    @property
+    def hebbian_rate(self) -> float:
+        """eta_b, resolved: the option, or the value that makes B converge to W."""
+        if self.eta_b is not None:
+            return self.eta_b
+        return self.decay / (self.noise_std**2 * self.slope)
+
+    @property
+    def fixed_point_scale(self) -> float:
+        """k in ``B -> k W`` (for fixed W): ``eta_b * noise_std^2 * slope / decay``."""
+        return self.hebbian_rate * self.noise_std**2 * self.slope / self.decay
+
+    # --- set-up -----------------------------------------------------------------------------
+    def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
+        layer.seed_feedback_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        layer.feedback_state.update(mirror_steps=0, mirror_updates=0, warmed_up=False)
+        return FA(init=self.init, gain=self.gain).initial_feedback(layer, generator)
+
+    # --- engaged mode -----------------------------------------------------------------------
+    def forward(self, layer: FeedbackLayer, input: Tensor) -> Tensor:
+        # Mirror noise is shaped like the last input (a list, so it is saved in state_dict).
+        layer.feedback_state["input_shape"] = list(input.shape)
+        return layer.feedback_forward(input, layer.feedback_weight)
+
+    def before_forward(self, step: StepContext) -> None:
+        layers = [layer for _, layer in step.layers if layer.rule is self]
+        pending = [layer for layer in layers if not layer.feedback_state["warmed_up"]]
+        if not pending:
+            return
+        if any(self._needs_shape(layer) for layer in pending):
+            record_input_shapes(step.model, step.inputs)
+        self.warm_up(layers)
+
+    def update(self, layers: Sequence[FeedbackLayer]) -> None:
+        """After ``optimizer.step()``: any pending warm-up, then ``mirror_steps`` mirror steps."""
+        self.warm_up(layers)
+        self.mirror_steps_(layers, self.mirror_steps)
+
+    # --- mirror mode ------------------------------------------------------------------------
+    def warm_up(self, layers: Sequence[FeedbackLayer]) -> None:
+        """Top up to ``warmup_steps`` mirror steps the layers that never had an engaged step."""
+        pending = [layer for layer in layers if not layer.feedback_state["warmed_up"]]
+        if not pending:
+            return
+        done = min(layer.feedback_state["mirror_steps"] for layer in pending)
+        self.mirror_steps_(layers, max(0, self.warmup_steps - done), only=pending)
+        for layer in pending:
+            layer.feedback_state["warmed_up"] = True
+
+    def mirror_steps_(
+        self,
+        layers: Sequence[FeedbackLayer],
+        steps: int,
+        *,
+        only: Sequence[FeedbackLayer] | None = None,
+    ) -> None:
+        """Run ``steps`` mirror steps over ``layers`` (module order) following ``schedule``.
+
+        ``only`` restricts the updates to some of the layers; positions (for the alternate
+        schedule) are still those in ``layers``.
+        """
+        chosen = None if only is None else {id(layer) for layer in only}
+        with torch.no_grad():
+            for _ in range(steps):
+                for position, layer in enumerate(layers):
+                    if chosen is not None and id(layer) not in chosen:
+                        continue
+                    state = layer.feedback_state
+                    count = state["mirror_steps"]
+                    state["mirror_steps"] = count + 1
+                    if self.schedule == "alternate" and (count + position) % 2:
+                        continue
+                    self.mirror_layer(layer)
+                    state["mirror_updates"] += 1
+
+    def mirror_layer(self, layer: FeedbackLayer) -> None:
+        """One mirror update of one layer's B (000 Alg. 1 lines 12-16), in place, without grad."""
+        weight = layer.weight.detach()
+        shape = self.noise_shape(layer)
+        generator = layer.feedback_generator(weight.device)
+        noise = torch.randn(shape, generator=generator, device=weight.device, dtype=weight.dtype)
+        x = noise * self.noise_std  # y_l - beta: the baseline cancels on the input side
+        if isinstance(layer, FeedbackConv2d):
+            x, mask, padding = _explicit_padding(layer, x)
+            drive = F.conv2d(x, weight, None, layer.stride, padding, layer.dilation, layer.groups)
+        else:
+            drive = F.linear(x, weight)  # (N, ..., out): bias blocked
+        if self.baseline is not None:
+            drive = drive + self.baseline  # the default bias b- with phi(b-) = beta
+        out = F.relu(drive) if self.nonlinearity == "relu" else drive
+        if self.baseline is None:
+            # Batch means per unit (per position for conv); unbiased covariance: / (N - 1).
+            x = x - x.mean(0, keepdim=True)
+            out = out - out.mean(0, keepdim=True)
+            samples = shape[0] - 1
+        else:
+            out = out - self.baseline
+            samples = shape[0]
+        if isinstance(layer, FeedbackConv2d):
+            covariance = _conv_covariance(layer, x, mask, out, padding, samples)
+        else:
+            covariance = _covariance(layer, x, out, samples)
+        feedback = layer.feedback_weight
+        feedback.mul_(1 - self.decay).add_(covariance.to(feedback.dtype), alpha=self.hebbian_rate)
+
+    def noise_shape(self, layer: FeedbackLayer) -> list[int]:
+        """The mirror batch's shape: the last input's shape with ``mirror_batch`` examples."""
+        recorded = layer.feedback_state.get("input_shape")
+        if recorded is None:
+            if isinstance(layer, FeedbackConv2d) or self.mirror_batch is None:
+                what = (
+                    "the size of its input"
+                    if isinstance(layer, FeedbackConv2d)
+                    else ("its batch size (mirror_batch=None)")
+                )
+                raise RuntimeError(
+                    f"weight mirrors does not know {what} for this {type(layer).__name__} "
+                    f"({layer.weight.shape[1]} input channels/features): it has not run a forward "
+                    "pass yet. Run a batch through the model first, or call asymprop.mirror("
+                    "model, steps, example_input=batch) or asymprop.mirror(model, steps, "
+                    "input_shapes={name: (N, C, H, W)})"
+                    + ("" if isinstance(layer, FeedbackConv2d) else ", or set mirror_batch")
+                )
+            return [self.mirror_batch, layer.weight.shape[1]]
+        shape = list(recorded)
+        if self.mirror_batch is not None:
+            shape[0] = self.mirror_batch
+        if shape[0] < 2 and self.baseline is None:
+            raise RuntimeError(
+                f"weight mirrors would mirror a batch of {shape[0]} (the last forward pass's "
+                "batch size), but subtracting batch means needs >= 2: set mirror_batch"
+            )
+        return shape
+
+    def _needs_shape(self, layer: FeedbackLayer) -> bool:
+        return "input_shape" not in layer.feedback_state and (
+            isinstance(layer, FeedbackConv2d) or self.mirror_batch is None
+        )
+
+
+@register_rule
+@dataclass(frozen=True)
+class WMPaper(WM):
+    """Weight mirrors with the ImageNet values of 000 App. D.2: the preset ``"wm-paper"``.
+
+    eta_b 0.1, decay 0.5, noise_std 1, mirror_batch 2048, ReLU, batch means subtracted, and
+    ``warmup_steps=1250``: the paper's two warm-up epochs of ImageNet at 2048 examples per batch
+    (2 x 1.28M / 2048 = 1250 steps). B converges to ``0.1 W`` (every hidden error is scaled by 0.1
+    in a network without batch norm). Options can be overridden as for ``wm``.
+
+    Example: ``asymprop.convert(model, "wm-paper", warmup_steps=100)``. Paper: 000 App. D.2.
+    """
+
+    name = "wm-paper"
+    eta_b: float | None = 0.1
+    decay: float = 0.5
+    noise_std: float = 1.0
+    mirror_batch: int | None = 2048
+    warmup_steps: int = 1250
+
+
+def _explicit_padding(layer: FeedbackConv2d, x: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
+    """The input padded as the layer's forward pads it, a mask of its real neurons, the padding
+    left for the conv op (zero padding, which adds no neuron).
+
+    ``x`` is ``(N, C, H, W)``; the mask is ``(1, 1, H', W')``: 1 where an entry is a neuron of the
+    input (reflect/replicate/circular padding repeats real neurons), 0 for zero padding.
+    """
+    padding = layer.padding
+    mask = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
+    if layer.padding_mode == "zeros" and not isinstance(padding, str):
+        return x, mask, (int(padding[0]), int(padding[1]))
+    pad = layer._reversed_padding_repeated_twice
+    if layer.padding_mode == "zeros":  # "same"/"valid", or asymmetric: explicit zeros
+        return F.pad(x, pad), F.pad(mask, pad), (0, 0)
+    return F.pad(x, pad, mode=layer.padding_mode), F.pad(mask, pad, value=1.0), (0, 0)
+
+
+def _covariance(layer: FeedbackLayer, x: Tensor, out: Tensor, samples: int) -> Tensor:
+    """``cov(out, x)`` per weight, in W's shape, for a Linear layer.
+
+    ``x (N, ..., in)``, ``out (N, ..., out)``: ``out^T x`` summed over the batch and any middle
+    (sequence) positions, divided by ``samples`` x positions.
+    """
+    x2 = x.reshape(-1, x.shape[-1])  # (N * positions, in)
+    out2 = out.reshape(-1, out.shape[-1])  # (N * positions, out)
+    positions = x2.shape[0] // x.shape[0]
+    return out2.t() @ x2 / (samples * positions)  # (out, N') @ (N', in) -> (out, in)
+
+
+def _conv_covariance(
+    layer: FeedbackConv2d,
+    x: Tensor,
+    mask: Tensor,
+    out: Tensor,
+    padding: tuple[int, int],
+    samples: int,
+) -> Tensor:
+    """``cov(out, x)`` per shared weight, averaged over the input/output pairs it connects (D.2).
+
+    The sum over batch and positions is the layer's weight gradient with ``x`` (padded, ``(N, C,
+    H', W')``) as input and ``out`` (``(N, C_out, Ho, Wo)``) as output gradient. Each kernel tap
+    ``(i, j)`` connects the same number of pairs in every channel: the weight gradient of a
+    one-channel conv with the real-neuron ``mask`` as input and ones as output gradient.
+    """
+    args = (layer.stride, padding, layer.dilation)
+    total = torch.nn.grad.conv2d_weight(x, layer.weight.shape, out, *args, layer.groups)
+    kernel = (1, 1, *layer.weight.shape[2:])
+    ones_out = torch.ones((1, 1, *out.shape[2:]), dtype=out.dtype, device=out.device)
+    pairs = torch.nn.grad.conv2d_weight(mask, kernel, ones_out, *args)[0, 0]  # (kH, kW)
+    return total / (samples * pairs.clamp_min(1))
+
+
+def record_input_shapes(model: nn.Module, inputs: Tensor) -> None:
+    """Run ``model(inputs)`` once to let every layer record its input shape, changing nothing.
+
+    Every module is put in eval mode (batch norm uses and keeps its running statistics, dropout
+    is off) and grad is off; the train/eval flags are restored afterwards.
+    """
+    module = unwrap(model)
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            module(inputs)
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def mirror(
+    model: nn.Module,
+    steps: int,
+    *,
+    example_input: Tensor | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> None:
+    """Run ``steps`` steps of pure mirror mode on every weight-mirror layer of ``model``.
+
+    This is the paper's warm-up before engaged training (000 App. D.2: two epochs of mirror mode
+    bring random B into alignment), or extra mirroring at any time. Each step follows the rule's
+    ``schedule``; B changes in place, nothing of the forward path (weights, biases, batch-norm
+    statistics, ``.grad``) is touched. Steps run here count towards the rule's ``warmup_steps``.
+
+    Args:
+        model: a model converted with ``"wm"`` (other layers are ignored).
+        steps: mirror steps (>= 0).
+        example_input: a batch to run through the model once (eval mode, no grad) so layers that
+            have not run yet learn their input shape.
+        input_shapes: ``{qualified_name: (N, C, H, W) or (N, in)}``, input shapes given
+            explicitly (N is replaced by the rule's ``mirror_batch`` when that is set).
+
+    Raises:
+        ValueError: no weight-mirror layer, a negative ``steps`` or an unknown layer name.
+        RuntimeError: a conv layer's input size is unknown (names the fix).
+
+    Example:
+        >>> model = asymprop.convert(model, "wm", seed=0, warmup_steps=0)
+        >>> asymprop.mirror(model, steps=500, example_input=x[:8])
+        >>> asymprop.alignment(model)["fc1"]["angle_deg"]   # small now
+
+    Paper: 000 Alg. 1 (mirror mode), App. C.4 and D.2.
+    """
+    if steps < 0:
+        raise ValueError(f"steps={steps!r} must be >= 0")
+    named = [(name, layer) for name, layer in feedback_layers(model) if isinstance(layer.rule, WM)]
+    if not named:
+        raise ValueError(
+            f"{type(model).__name__} has no weight-mirror layers: convert it with "
+            "asymprop.convert(model, 'wm') first"
+        )
+    if input_shapes:
+        by_name = dict(named)
+        for name, shape in input_shapes.items():
+            if name not in by_name:
+                raise ValueError(
+                    f"input_shapes names {name!r}, which is not a weight-mirror layer; "
+                    f"valid names: {', '.join(by_name)}"
+                )
+            by_name[name].feedback_state["input_shape"] = [int(s) for s in shape]
+    if example_input is not None:
+        record_input_shapes(model, example_input)
+    groups: dict[int, tuple[WM, list[FeedbackLayer]]] = {}
+    for _, layer in named:
+        rule = layer.rule
+        assert isinstance(rule, WM)
+        groups.setdefault(id(rule), (rule, []))[1].append(layer)
+    for rule, layers in groups.values():
+        rule.mirror_steps_(layers, steps)
