@@ -33,6 +33,7 @@ from .records import layers_of
 __all__ = ["Curve", "plot_curves", "plot_run"]
 
 Rows = Sequence[Mapping[str, Any]]
+Style = tuple[Any, str]  # (colour, linestyle) of one label
 
 
 @dataclass(frozen=True)
@@ -57,15 +58,15 @@ def plot_curves(curves: Sequence[Curve], out_dir: str | os.PathLike[str]) -> lis
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels = list(dict.fromkeys(c.label for c in curves))
-    colours = _colours(labels)
+    styles = _styles(labels)
     groups = list(dict.fromkeys(c.group for c in curves))
     written = []
     if any(_finite(_column(rows, "test_accuracy")) for c in curves for rows in c.seeds):
         written.append(
-            _metric_figure(curves, groups, colours, out / "accuracy.png", "test_accuracy")
+            _metric_figure(curves, groups, styles, out / "accuracy.png", "test_accuracy")
         )
-    written.append(_metric_figure(curves, groups, colours, out / "loss.png", "test_loss"))
-    written.append(_alignment_figure(curves, groups, colours, out / "alignment.png"))
+    written.append(_metric_figure(curves, groups, styles, out / "loss.png", "test_loss"))
+    written.append(_alignment_figure(curves, groups, styles, out / "alignment.png"))
     return written
 
 
@@ -75,7 +76,7 @@ def plot_curves(curves: Sequence[Curve], out_dir: str | os.PathLike[str]) -> lis
 def _metric_figure(
     curves: Sequence[Curve],
     groups: Sequence[str],
-    colours: Mapping[str, Any],
+    styles: Mapping[str, Style],
     path: Path,
     metric: str,
 ) -> Path:
@@ -83,28 +84,28 @@ def _metric_figure(
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
     for ax, group in zip(axes, groups, strict=True):
         for curve in (c for c in curves if c.group == group):
-            colour = colours[curve.label]
+            style = styles[curve.label]
             if metric == "test_accuracy":
-                _line(ax, curve.seeds, "test_accuracy", colour, curve.label, scale=100.0)
-            else:  # losses: test solid, train dashed
-                _line(ax, curve.seeds, "test_loss", colour, curve.label)
-                _line(ax, curve.seeds, "train_loss", colour, None, linestyle="--")
+                _line(ax, curve.seeds, "test_accuracy", style, curve.label, scale=100.0)
+            else:  # losses: test bold, train faint
+                _line(ax, curve.seeds, "test_loss", style, curve.label)
+                _line(ax, curve.seeds, "train_loss", style, None, faint=True)
         ax.set_xlabel("epoch")
         if metric == "test_accuracy":
             ax.set_ylabel("test accuracy (%)")
             _zoom_past_first_epoch(ax, curves, group)
         else:
-            ax.set_ylabel("loss (test solid, train dashed)")
+            ax.set_ylabel("loss (test; train faint)")
             if _all_positive(curves, group):
                 ax.set_yscale("log")
         ax.set_title(group)
         ax.grid(alpha=0.3)
-    _legend(fig, axes[-1])
+    _legend(fig, list(styles))
     return _save(fig, path)
 
 
 def _alignment_figure(
-    curves: Sequence[Curve], groups: Sequence[str], colours: Mapping[str, Any], path: Path
+    curves: Sequence[Curve], groups: Sequence[str], styles: Mapping[str, Style], path: Path
 ) -> Path:
     layers = {g: _layers(c for c in curves if c.group == g) for g in groups}
     ncols = max([len(v) for v in layers.values()] + [1])
@@ -123,7 +124,7 @@ def _alignment_figure(
                 layer = layers[group][col]
                 column = f"{metric}/{layer}"
                 for curve in (c for c in curves if c.group == group):
-                    _line(ax, curve.seeds, column, colours[curve.label], curve.label)
+                    _line(ax, curve.seeds, column, styles[curve.label], curve.label)
                 ax.set_ylim(-3, 93)
                 ax.set_yticks([0, 30, 60, 90])
                 ax.grid(alpha=0.3)
@@ -132,7 +133,7 @@ def _alignment_figure(
                     ax.set_ylabel(ylabel)
                 if 2 * g + row == nrows - 1:
                     ax.set_xlabel("epoch")
-    _legend(fig, axes[0][-1])
+    _legend(fig, list(styles))
     fig.suptitle("alignment per converted layer (0 deg = backprop; NaN angles are not drawn)")
     return _save(fig, path)
 
@@ -156,11 +157,11 @@ def _line(
     ax: Axes,
     seeds: Sequence[Rows],
     key: str,
-    colour: Any,
+    style: Style,
     label: str | None,
     *,
     scale: float = 1.0,
-    linestyle: str = "-",
+    faint: bool = False,
 ) -> None:
     """Mean over seeds (per epoch) with a band of +- one standard error."""
     series = [(_column(rows, "epoch"), _column(rows, key) * scale) for rows in seeds if rows]
@@ -173,7 +174,9 @@ def _line(
     count = finite.sum(axis=0)
     total = np.where(finite, values, 0.0).sum(axis=0)
     mean = np.divide(total, count, out=np.full(length, np.nan), where=count > 0)
-    ax.plot(epochs, mean, color=colour, label=label, linestyle=linestyle, linewidth=1.5)
+    colour, linestyle = style
+    width, alpha = (0.8, 0.45) if faint else (1.5, 1.0)
+    ax.plot(epochs, mean, color=colour, label=label, linestyle=linestyle, lw=width, alpha=alpha)
     if len(series) > 1:
         deviation = np.where(finite, values - mean, 0.0)
         var = np.divide(
@@ -218,27 +221,26 @@ def _all_positive(curves: Sequence[Curve], group: str) -> bool:
     return finite.size > 0 and bool((finite > 0).all())
 
 
-def _colours(labels: Sequence[str]) -> dict[str, Any]:
-    """Distinct colours: tab10's, then Dark2's and Set1's (tab20 pairs look alike)."""
+def _styles(labels: Sequence[str]) -> dict[str, Style]:
+    """tab10's colours, solid for the first ten labels, then dashed, then dotted."""
     from matplotlib import colormaps
 
-    palette = [
-        colormaps[name](i)
-        for name, n in (("tab10", 10), ("Dark2", 8), ("Set1", 9))
-        for i in range(n)
-    ]
-    return {label: palette[i % len(palette)] for i, label in enumerate(labels)}
+    cmap = colormaps["tab10"]
+    dashes = ("-", "--", ":", "-.")
+    return {
+        label: (cmap(i % 10), dashes[(i // 10) % len(dashes)]) for i, label in enumerate(labels)
+    }
 
 
-def _legend(fig: Figure, ax: Axes) -> None:
-    handles, labels = [], []
+def _legend(fig: Figure, order: Sequence[str]) -> None:
+    """One legend for the figure, labels in ``order`` (a label may be missing from some panels)."""
+    handles: dict[str, Any] = {}
     for axis in fig.axes:
         for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
-            if label not in labels:
-                handles.append(handle)
-                labels.append(label)
-    if labels:
-        fig.legend(handles, labels, loc="outside right upper", fontsize=8)
+            handles.setdefault(label, handle)
+    if handles:
+        labels = [label for label in order if label in handles]
+        fig.legend([handles[k] for k in labels], labels, loc="outside right upper", fontsize=8)
 
 
 def _save(fig: Figure, path: Path) -> Path:
