@@ -469,9 +469,9 @@ def train_epoch(run: Run, epoch: int, progress: Progress | None = None) -> float
         loss = train_step(run.model, run.optimizer, run.loss_fn, inputs, targets)
         total, batches = total + loss, batches + 1
         run.step += 1
-        if progress is not None:
+        if progress is not None:  # redrawn by update() at most every 0.1 s
+            progress.set_postfix_str(f"{run.config.rule} epoch {epoch} loss {loss:.3f}", False)
             progress.update(1)
-            progress.set_postfix_str(f"{run.config.rule} epoch {epoch} loss {loss:.3f}")
     run.epoch = epoch
     return total / batches
 
