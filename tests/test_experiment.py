@@ -243,3 +243,9 @@ def test_csv_round_trip_and_fixed_columns(tmp_path: Path) -> None:
     assert read_csv(path)[-1]["a"] == 3
     with pytest.raises(ValueError, match="not in its header"):
         append_row(path, {"d": 1})
+
+
+def test_a_last_minibatch_of_one_is_dropped_for_batch_norm(tmp_path: Path) -> None:
+    config = tiny(tmp_path, train_size=65, model_options={"widths": [8], "batchnorm": True})
+    rows = train(config, plots=False)
+    assert rows[-1]["step"] == 2  # 32 + 32, the 65th example left out this epoch

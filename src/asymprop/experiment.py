@@ -326,7 +326,7 @@ class Run:
     step: int = 0
 
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.dataset.train) / self.config.batch_size)  # type: ignore[arg-type]
+        return len(_batch_starts(len(self.dataset.train), self.config.batch_size))  # type: ignore[arg-type]
 
 
 def reconstruction_loss(outputs: Tensor, inputs: Tensor) -> Tensor:
@@ -437,21 +437,29 @@ def _in_order(dataset: TorchDataset, batch_size: int, workers: int = 0) -> Itera
 def minibatches(run: Run, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
     """Epoch ``epoch``'s minibatches, in an order drawn from ``(seed, epoch)`` alone.
 
+    A last minibatch of a single example is left out (batch norm cannot train on it).
+
     In-memory datasets are sliced directly (much faster than a ``DataLoader`` of single
     examples); others (image folders) go through a ``DataLoader`` with the same order.
     """
     train, batch_size = run.dataset.train, run.config.batch_size
     generator = torch.Generator().manual_seed(run.config.seed * 1_000_003 + epoch)
     order = torch.randperm(len(train), generator=generator)  # type: ignore[arg-type]
+    batches = [order[start : start + batch_size] for start in _batch_starts(len(order), batch_size)]
     if isinstance(train, TensorDataset):
         inputs, labels = train.tensors
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
+        for batch in batches:
             yield inputs[batch], labels[batch]
     else:
         yield from DataLoader(
-            train, batch_size=batch_size, sampler=order.tolist(), num_workers=run.config.workers
+            train, batch_sampler=[b.tolist() for b in batches], num_workers=run.config.workers
         )
+
+
+def _batch_starts(n: int, batch_size: int) -> range:
+    """Start of each minibatch; a last batch of one example is dropped (batch norm needs 2)."""
+    stop = n - 1 if n % batch_size == 1 and n > batch_size else n
+    return range(0, stop, batch_size)
 
 
 def train_epoch(run: Run, epoch: int, progress: Progress | None = None) -> float:
