@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -49,8 +48,20 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
 
 
 def _one_line(message: str) -> str:
-    """Messages with a list of searched folders become one line."""
-    return re.sub(r"\s*\n\s*", " ", str(message).strip())
+    """A multi-line message as one line: indented lines (a list of folders) joined by commas,
+    other lines as sentences."""
+    lines = [line.rstrip() for line in str(message).strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    text, previous_indented = lines[0].strip(), False
+    for line in lines[1:]:
+        indented = line[:1].isspace()
+        if indented:
+            text += (", " if previous_indented else " ") + line.strip()
+        else:
+            text += (" " if text.endswith((".", ":", ";")) else ". ") + line.strip()
+        previous_indented = indented
+    return text
 
 
 # --- parsing ------------------------------------------------------------------------------------
