@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import asymprop
-from asymprop.compare import CompareConfig, compare_config, plan, report
+from asymprop.compare import MAIN_JOB_RULE_OPTIONS, CompareConfig, compare_config, plan, report
 from asymprop.experiment import (
     ConfigError,
     RunConfig,
@@ -86,6 +86,12 @@ def test_main_job_is_every_registered_rule_on_digits() -> None:
     config = CompareConfig()
     assert config.rule_names() == list(asymprop.RULES)
     assert (config.models, config.data, config.seeds) == (["mlp"], ["digits"], [0])
+    # its per-rule options still exist (a renamed option would be dropped silently)
+    assert config.rule_options == {
+        k: v for k, v in MAIN_JOB_RULE_OPTIONS.items() if k in asymprop.RULES
+    }
+    for rule, options in config.rule_options.items():
+        asymprop.make_rule(rule, **options)
 
 
 @pytest.mark.parametrize(

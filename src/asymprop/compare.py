@@ -85,6 +85,16 @@ MAIN_JOB_RULE_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
+def _registered(options: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The entries for registered rules, and of those only the options the rule has."""
+    kept = {}
+    for name, values in options.items():
+        if name in RULES:
+            fields = {f.name for f in dataclasses.fields(RULES[name])}
+            kept[name] = {k: v for k, v in values.items() if k in fields}
+    return kept
+
+
 @dataclass
 class CompareConfig:
     """A comparison: the product ``rules x models x data x seeds`` with shared ``settings``.
@@ -108,7 +118,7 @@ class CompareConfig:
     data: list[str] = field(default_factory=lambda: ["digits"])
     seeds: list[int] = field(default_factory=lambda: [0])
     rule_options: dict[str, dict[str, Any]] = field(
-        default_factory=lambda: {k: dict(v) for k, v in MAIN_JOB_RULE_OPTIONS.items() if k in RULES}
+        default_factory=lambda: _registered(MAIN_JOB_RULE_OPTIONS)
     )
     model_options: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {k: dict(v) for k, v in MAIN_JOB_MODEL_OPTIONS.items()}
