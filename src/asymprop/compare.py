@@ -60,7 +60,9 @@ from .rules import RULES
 from .train import DivergenceError
 
 __all__ = [
+    "MAIN_JOB_MODEL_OPTIONS",
     "MAIN_JOB_RULE_OPTIONS",
+    "MAIN_JOB_SETTINGS",
     "CompareConfig",
     "compare",
     "compare_config",
@@ -75,8 +77,14 @@ PER_RUN = ("rule", "rule_options", "model", "model_options", "data", "seed", "ou
 """RunConfig settings that a comparison sets per run; all others are shared by every run."""
 SHARED = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in PER_RUN)
 
-MAIN_JOB_SETTINGS: dict[str, Any] = {"epochs": 10, "batch_size": 32, "optimizer": "adam"}
-MAIN_JOB_SETTINGS.update({"lr": 1e-3, "threads": 1})
+MAIN_JOB_SETTINGS: dict[str, Any] = {
+    "epochs": 10,
+    "batch_size": 32,
+    "optimizer": "adam",
+    "lr": 1e-3,
+    "threads": 1,
+}
+"""Shared run settings of the main job (defaults of every comparison)."""
 MAIN_JOB_MODEL_OPTIONS: dict[str, dict[str, Any]] = {"mlp": {"widths": [128, 128]}}
 MAIN_JOB_RULE_OPTIONS: dict[str, dict[str, Any]] = {
     # The paper preset mirrors 2048-example noise batches and warms B up for 1250 steps (two
