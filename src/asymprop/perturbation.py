@@ -52,8 +52,8 @@ process on the global batch, and B stays identical on every rank.
 
 The synthetic-gradient baseline ``sg`` fits B the same way to the *true* gradient at each layer's
 input (from an extra exact-backprop pass) instead of lambda_hat: not plausible, a reference
-(004 Table 2, App. C.5). The matching rule ``matched`` copies W's updates into B, with weight
-decay (004 sec. 4.2, App. C.5).
+(004 Table 2, App. C.5). The matching rule ``matched`` gives B the gradient step W takes, with
+weight decay (004 sec. 4.2, App. C.5).
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def loss_scale(batch_loss: Tensor | float, per_example: Tensor) -> float:
         f"the batch loss {value:.6g} is neither the mean ({total / n:.6g}) nor the sum "
         f"({total:.6g}) of the per-example losses loss_fn(outputs[n:n+1], targets[n:n+1]): "
         "node perturbation and synthetic gradients compare losses example by example, so "
-        "loss_fn must reduce a per-example loss by mean or sum (add penalties elsewhere)"
+        "loss_fn must reduce a per-example loss by mean or sum"
     )
 
 
@@ -608,33 +608,39 @@ class SyntheticGradient(RegressionRule):
 @register_rule
 @dataclass(frozen=True)
 class Matched(FeedbackRule):
-    """The matching rule: B receives every update W receives, and decays.
+    """The matching rule: B takes the same gradient step as W, plus weight decay.
 
-    After each ``optimizer.step()`` (``update_feedback``)::
+    After each ``optimizer.step()`` (``update_feedback``), from the gradient W received
+    (``weight.grad``, the local signal ``delta_{l+1} y_l^T``)::
 
-        B <- (1 - weight_decay) B + (W_t - W_{t-1})
+        B <- (1 - weight_decay) B - lr_b dL/dW
 
-    whatever the optimizer did to W (momentum, Adam, its own weight decay). If W decays by the
-    same factor (e.g. ``SGD(weight_decay=weight_decay / lr)``), ``B - W`` shrinks by
-    ``(1 - weight_decay)`` every step, as in Kolen-Pollack; without decay on W, B follows an
-    exponential average of W's recent updates. ``W_{t-1}`` is kept in the buffer
-    ``feedback_previous_weight`` (a copy of W), so change W only through the optimizer after
-    ``convert`` (initialise W before converting). B starts as FA's random B.
+    Matching a plain-SGD update of W with learning rate ``lr`` and weight decay ``wd`` (``lr_b =
+    lr``, ``weight_decay = lr * wd``), ``B - W`` shrinks by ``(1 - weight_decay)`` every step, as in
+    Kolen-Pollack (000, 003), which is what the decay is for; without decay on W, B follows a
+    leaky sum of W's gradient steps. Unlike ``kp``, B is not a Parameter: the user's optimizer
+    (momentum, Adam) never touches it. B starts as FA's random B; a step without a gradient on W
+    (``weight.grad`` None) only decays B.
 
     Options:
+        lr_b: B's learning rate on W's gradient (set it to W's learning rate).
         weight_decay: B's decay per step, in [0, 1).
 
     Example:
-        >>> model = asymprop.convert(net, "matched", seed=0, weight_decay=1e-3)
-        >>> loss.backward(); optimizer.step(); asymprop.update_feedback(model)
+        >>> model = asymprop.convert(net, "matched", seed=0, lr_b=0.01, weight_decay=1e-4)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=1e-2)
+        >>> loss.backward(); opt.step(); asymprop.update_feedback(model)
 
-    Paper: 004 sec. 4.2 and App. C.5 (after Rombouts et al. 2015; Martinolli et al. 2018).
+    Paper: 004 sec. 4.2, Table 2 and App. C.5 (after Rombouts et al. 2015; Martinolli et al. 2018).
     """
 
     name = "matched"
+    lr_b: float = 0.01
     weight_decay: float = 1e-4
 
     def validate(self) -> None:
+        if not self.lr_b >= 0:
+            raise ValueError(f"rule 'matched' option lr_b={self.lr_b!r} must be >= 0")
         if not 0 <= self.weight_decay < 1:
             raise ValueError(
                 f"rule 'matched' option weight_decay={self.weight_decay!r} is out of range: "
@@ -642,10 +648,10 @@ class Matched(FeedbackRule):
             )
 
     def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
-        layer.register_buffer("feedback_previous_weight", layer.weight.detach().clone())
         return _uniform_feedback(layer, generator)
 
     def update_layer(self, layer: FeedbackLayer) -> None:
-        previous = layer.get_buffer("feedback_previous_weight")
-        layer.feedback_weight.mul_(1 - self.weight_decay).add_(layer.weight - previous)
-        previous.copy_(layer.weight)
+        feedback = layer.feedback_weight.mul_(1 - self.weight_decay)
+        grad = layer.weight.grad
+        if grad is not None:
+            feedback.sub_(self.lr_b * grad)

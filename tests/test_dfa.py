@@ -1,0 +1,249 @@
+"""DFA (direct.py) against a hand computation, its chain detection, and its lazily drawn B."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import asymprop
+from asymprop import convert, feedback_layers
+
+
+def _mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(7, 9), nn.Sigmoid(), nn.Linear(9, 6), nn.Tanh(), nn.Linear(6, 4))
+
+
+def test_hidden_errors_are_b_times_output_error_times_activation_derivative() -> None:
+    """delta_l = phi'(a_l) * (e @ B_{l+1}), dW_l = delta_l^T h_{l-1}: by hand, in float64."""
+    model = convert(_mlp().double(), "dfa", seed=0)
+    x, y = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    F.mse_loss(model(x), y).backward()
+    W1, W2, W3 = (model[i].weight.detach() for i in (0, 2, 4))
+    b1, b2, b3 = (model[i].bias.detach() for i in (0, 2, 4))
+    B2, B3 = model[2].feedback_weight, model[4].feedback_weight
+    assert B2.shape == (4, 9) and B3.shape == (4, 6)  # (n_out, in_features)
+    assert model[0].feedback_weight.numel() == 0  # the first layer's input is data: no B drawn
+    a1 = x @ W1.T + b1
+    h1 = torch.sigmoid(a1)
+    a2 = h1 @ W2.T + b2
+    h2 = torch.tanh(a2)
+    a3 = h2 @ W3.T + b3
+    e = 2 * (a3 - y) / a3.numel()  # dL/da3 of the mean squared error
+    delta2 = (e @ B3) * (1 - h2**2)
+    delta1 = (e @ B2) * h1 * (1 - h1)
+    expected = {0: (delta1, x), 2: (delta2, h1), 4: (e, h2)}
+    for i, (delta, inp) in expected.items():
+        torch.testing.assert_close(model[i].weight.grad, delta.T @ inp)
+        torch.testing.assert_close(model[i].bias.grad, delta.sum(0))
+    # not secretly backprop: the hidden layers' gradients differ from autograd's
+    plain = _mlp().double()
+    plain.load_state_dict(asymprop.revert(copy.deepcopy(model)).state_dict())
+    F.mse_loss(plain(x), y).backward()
+    assert not torch.allclose(plain[0].weight.grad, model[0].weight.grad, atol=1e-4)
+    torch.testing.assert_close(plain[4].weight.grad, model[4].weight.grad)  # output: exact
+
+
+def test_conv_net_errors_by_hand() -> None:
+    """Conv layers: the error at a hidden map is ``(e @ B.flatten(1))`` reshaped to the map."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 3, stride=2, padding=1, padding_mode="reflect"),
+        nn.Tanh(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 5),
+    ).double()
+    plain = copy.deepcopy(net)
+    model = convert(net, "dfa", seed=3)
+    x = torch.randn(6, 2, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 5, (6,))
+    F.cross_entropy(model(x), y).backward()
+    assert model[2].feedback_weight.shape == (5, 3, 8, 8)  # (n_out, *input map)
+    assert model[6].feedback_weight.shape == (5, 16)
+    # Oracle: plain autograd for every local derivative, with DFA's errors injected by hand.
+    h1 = plain[1](plain[0](x))
+    h2 = plain[5](plain[4](plain[3](plain[2](h1))))
+    out = plain[6](h2)
+    (e,) = torch.autograd.grad(F.cross_entropy(out, y), out)
+    injected = {
+        0: (h1, (e @ model[2].feedback_weight.flatten(1)).view_as(h1)),
+        2: (h2, (e @ model[6].feedback_weight).view_as(h2)),
+        6: (out, e),
+    }
+    for i, (activation, error) in injected.items():
+        grads = torch.autograd.grad(
+            activation, [plain[i].weight, plain[i].bias], error, retain_graph=True
+        )
+        torch.testing.assert_close(model[i].weight.grad, grads[0])
+        torch.testing.assert_close(model[i].bias.grad, grads[1])
+
+
+def test_ordinary_loop_learns_digits() -> None:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16
+    y = torch.tensor(digits.target)
+    torch.manual_seed(0)
+    model = convert(
+        nn.Sequential(
+            nn.Linear(64, 100), nn.Tanh(), nn.Linear(100, 50), nn.Tanh(), nn.Linear(50, 10)
+        ),
+        "dfa",
+        seed=0,
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    w0 = model[0].weight.detach().clone()
+    for _ in range(3):
+        for idx in torch.randperm(1200, generator=gen).split(32):
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+            asymprop.update_feedback(model)  # a no-op for dfa: the plain loop works unchanged
+    with torch.no_grad():
+        accuracy = (model(x[1200:]).argmax(1) == y[1200:]).float().mean()
+    assert accuracy > 0.85
+    assert not torch.allclose(model[0].weight, w0)  # the first layer learned from e @ B_2
+
+
+def test_b_is_fixed_seeded_and_survives_state_dict() -> None:
+    x, y = torch.randn(4, 7), torch.randn(4, 4)
+    model = convert(_mlp(), "dfa", seed=11)
+    F.mse_loss(model(x), y).backward()
+    b = model[2].feedback_weight.clone()
+    F.mse_loss(model(x), y).backward()
+    assert torch.equal(model[2].feedback_weight, b)  # drawn once
+    twin = convert(_mlp(), "dfa", seed=11)
+    F.mse_loss(twin(x), y).backward()
+    assert torch.equal(twin[2].feedback_weight, b)  # a pure function of the seed
+    fresh = convert(_mlp(), "dfa", seed=99)  # empty B, loaded from a drawn one
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh[2].feedback_weight, b)
+    assert fresh[0].feedback_weight.numel() == 0
+    other = convert(_mlp(), "dfa", seed=5)
+    F.mse_loss(other(x), y).backward()
+    other.load_state_dict(convert(_mlp(), "dfa", seed=5).state_dict())  # and back to empty
+    assert other[2].feedback_weight.numel() == 0
+
+
+def test_normal_init_and_gain() -> None:
+    model = convert(nn.Sequential(nn.Linear(3, 400), nn.Tanh(), nn.Linear(400, 25)), "dfa",
+                    seed=0, init="normal", gain=2.0)  # fmt: skip
+    F.mse_loss(model(torch.randn(2, 3)), torch.zeros(2, 25)).backward()
+    b = model[2].feedback_weight
+    assert b.shape == (25, 400)
+    assert abs(float(b.std()) - 2.0 / 5.0) < 0.02  # gain / sqrt(n_out)
+    with pytest.raises(ValueError, match="gain"):
+        convert(_mlp(), "dfa", gain=0.0)
+
+
+def test_no_grad_and_exact_backprop_bypass_the_rule() -> None:
+    model = convert(_mlp(), "dfa", seed=0)
+    x, y = torch.randn(4, 7), torch.randn(4, 4)
+    with torch.no_grad():
+        out = model(x)
+    torch.testing.assert_close(out, asymprop.revert(copy.deepcopy(model))(x))
+    with asymprop.exact_backprop(model):
+        F.mse_loss(model(x), y).backward()
+    assert all(layer.feedback_weight.numel() == 0 for _, layer in feedback_layers(model))
+
+
+def test_delta_alignment_before_any_step_leaves_b_undrawn() -> None:
+    model = convert(_mlp(), "dfa", seed=0)
+    angles = asymprop.delta_alignment(model, F.mse_loss, torch.randn(8, 7), torch.randn(8, 4))
+    assert 0 < angles["2"] < 180
+    assert model[2].feedback_weight.numel() == 0  # the metric leaves the model as it was
+    stats = asymprop.alignment(model)
+    assert stats["4"]["angle_deg"] != stats["4"]["angle_deg"]  # NaN until drawn
+
+
+# ----------------------------------------------------------------------------- ill-defined graphs
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.out(h + torch.relu(self.b(h)))
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head1, self.head2 = nn.Linear(5, 6), nn.Linear(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.body(x))
+        return self.head1(h) + self.head2(h)
+
+
+class _Reused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+
+class _Towers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.left, self.right, self.out = nn.Linear(5, 4), nn.Linear(5, 4), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.cat([torch.tanh(self.left(x)), torch.tanh(self.right(x))], 1))
+
+
+@pytest.mark.parametrize(
+    ("net", "match"),
+    [
+        (_Residual, "residual connection"),
+        (_TwoHeads, "branches"),
+        (_Reused, "called twice"),
+        (_Towers, "merge of branches"),
+    ],
+)
+def test_graphs_without_a_single_output_error_raise(net: type[nn.Module], match: str) -> None:
+    model = convert(net(), "dfa", seed=0)
+    with pytest.raises(RuntimeError, match=match):
+        model(torch.randn(4, 5)).sum().backward()
+
+
+class _HiddenToo(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = torch.tanh(self.b(torch.tanh(self.a(x))))
+        return self.out(hidden), hidden
+
+
+def test_loss_on_a_hidden_activation_raises() -> None:
+    model = convert(_HiddenToo(), "dfa", seed=0)
+    _, hidden = model(torch.randn(3, 5))
+    with pytest.raises(RuntimeError, match="before the chain's output layer"):
+        hidden.sum().backward()
+    sub = convert(_mlp(), "dfa", seed=0)[:4]  # a sub-network is a chain of its own: fine
+    sub(torch.randn(3, 7)).sum().backward()
+    assert sub[2].feedback_weight.shape == (6, 9)
+
+
+def test_siamese_calls_are_separate_chains() -> None:
+    """The same layers on two inputs: two forward chains, each with its own output error."""
+    model = convert(_mlp(), "dfa", seed=0)
+    x1, x2 = torch.randn(3, 7), torch.randn(3, 7)
+    (model(x1) - model(x2)).pow(2).sum().backward()
+    assert model[2].feedback_weight.shape == (4, 9)
+    assert torch.isfinite(model[0].weight.grad).all()
