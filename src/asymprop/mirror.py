@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -49,12 +49,26 @@ from .convert import feedback_layers, unwrap
 from .layers import FeedbackConv2d, FeedbackLayer
 from .rules import FA, FeedbackRule, StepContext, _check_range, register_rule
 
-__all__ = ["WM", "WMPaper", "mirror"]
+__all__ = ["PAPER_OPTIONS", "WM", "mirror"]
 
 logger = logging.getLogger(__name__)
 
 Nonlinearity = Literal["relu", "identity"]
 Schedule = Literal["layerwise", "alternate"]
+
+PAPER_OPTIONS: dict[str, Any] = {
+    "eta_b": 0.1,
+    "decay": 0.5,
+    "noise_std": 1.0,
+    "mirror_batch": 2048,
+    "warmup_steps": 1250,
+    "nonlinearity": "relu",
+    "baseline": None,
+}
+"""The ImageNet values of 000 App. D.2, as ``wm`` options: ``WM.paper()`` or
+``asymprop.convert(model, "wm", **PAPER_OPTIONS)``. ``warmup_steps=1250`` is the paper's two
+warm-up epochs of ImageNet at 2048 examples per batch (2 x 1.28M / 2048). B converges to
+``0.1 W``: every hidden error is scaled by 0.1 in a network without batch norm."""
 
 
 @register_rule
@@ -146,6 +160,14 @@ class WM(FeedbackRule):
             )
         if not self.gain > 0:
             raise ValueError(f"rule {self.name!r} option gain={self.gain!r} must be > 0")
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> WM:
+        """The paper's ImageNet values (``PAPER_OPTIONS``, 000 App. D.2), options overridable.
+
+        Example: ``asymprop.convert(model, WM.paper(warmup_steps=100))``.
+        """
+        return cls(**{**PAPER_OPTIONS, **overrides})
 
     # --- derived constants ------------------------------------------------------------------
     @property
@@ -291,27 +313,6 @@ class WM(FeedbackRule):
         return "input_shape" not in layer.feedback_state and (
             isinstance(layer, FeedbackConv2d) or self.mirror_batch is None
         )
-
-
-@register_rule
-@dataclass(frozen=True)
-class WMPaper(WM):
-    """Weight mirrors with the ImageNet values of 000 App. D.2: the preset ``"wm-paper"``.
-
-    eta_b 0.1, decay 0.5, noise_std 1, mirror_batch 2048, ReLU, batch means subtracted, and
-    ``warmup_steps=1250``: the paper's two warm-up epochs of ImageNet at 2048 examples per batch
-    (2 x 1.28M / 2048 = 1250 steps). B converges to ``0.1 W`` (every hidden error is scaled by 0.1
-    in a network without batch norm). Options can be overridden as for ``wm``.
-
-    Example: ``asymprop.convert(model, "wm-paper", warmup_steps=100)``. Paper: 000 App. D.2.
-    """
-
-    name = "wm-paper"
-    eta_b: float | None = 0.1
-    decay: float = 0.5
-    noise_std: float = 1.0
-    mirror_batch: int | None = 2048
-    warmup_steps: int = 1250
 
 
 def _explicit_padding(layer: FeedbackConv2d, x: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
