@@ -391,10 +391,7 @@ class RegressionRule(FeedbackRule):
             _freeze_forward_weights(step.model)
         learning = [layer for layer, seen in record.calls.items() if seen.learns]
         if learning and (self.lr_b > 0 or self.fit == "ridge"):
-            assert step.outputs is not None and step.loss is not None
-            clean = per_example_loss(step.loss_fn, step.outputs.detach(), step.targets)
-            scale = loss_scale(step.loss, clean)
-            targets = self.targets(step, record, learning, clean, scale)
+            targets, scale = self.targets(step, record, learning)
             reduce = _sum_over_ranks(step.model)
             with torch.no_grad():
                 for layer in learning:
@@ -405,14 +402,14 @@ class RegressionRule(FeedbackRule):
             layer.feedback_state["steps"] = steps + 1
 
     def targets(
-        self,
-        step: StepContext,
-        record: _Record,
-        learning: list[FeedbackLayer],
-        clean_loss: Tensor,
-        scale: float,
-    ) -> dict[FeedbackLayer, Tensor]:
-        """Per learning layer, ``(N, *input_shape)``: what the error at its input should be."""
+        self, step: StepContext, record: _Record, learning: list[FeedbackLayer]
+    ) -> tuple[dict[FeedbackLayer, Tensor], float]:
+        """What the error at each learning layer's input should be, per example.
+
+        Returns:
+            ``({layer: (N, *input_shape)}, scale)``: the targets, and ``dL_batch / dL_n`` (see
+            :func:`loss_scale`), which turns autograd's errors into per-example ones.
+        """
         raise NotImplementedError(f"{type(self).__name__} must implement targets")
 
     # --- the fit ----------------------------------------------------------------------------
@@ -533,13 +530,9 @@ class NodePerturbation(RegressionRule):
             raise ValueError(f"rule 'np' option noise_std={self.noise_std!r} must be > 0")
 
     def targets(
-        self,
-        step: StepContext,
-        record: _Record,
-        learning: list[FeedbackLayer],
-        clean_loss: Tensor,
-        scale: float,
-    ) -> dict[FeedbackLayer, Tensor]:
+        self, step: StepContext, record: _Record, learning: list[FeedbackLayer]
+    ) -> tuple[dict[FeedbackLayer, Tensor], float]:
+        assert step.outputs is not None and step.loss is not None
         rows = _global_rows(step.model, int(step.inputs.shape[0]))
         noisy = _NoisyPass(self.noise_std, dict.fromkeys(learning), rows)
         token = _NOISY.set(noisy)
@@ -548,7 +541,14 @@ class NodePerturbation(RegressionRule):
                 outputs = model(step.inputs)
         finally:
             _NOISY.reset(token)
-        noisy_loss = per_example_loss(step.loss_fn, outputs, step.targets)
+        # one vmapped call for both passes: (2N,) -> clean (N,), noisy (N,)
+        both = per_example_loss(
+            step.loss_fn,
+            torch.cat([step.outputs.detach(), outputs]),
+            torch.cat([step.targets, step.targets]),
+        )
+        clean_loss, noisy_loss = both.chunk(2)
+        scale = loss_scale(step.loss, clean_loss)
         estimates = {}
         for layer, xi in noisy.noise.items():
             if xi is None:
@@ -558,7 +558,7 @@ class NodePerturbation(RegressionRule):
                     "beyond torch's global generator"
                 )
             estimates[layer] = perturbation_estimate(clean_loss, noisy_loss, xi, self.noise_std)
-        return estimates
+        return estimates, scale
 
 
 @register_rule
@@ -582,13 +582,11 @@ class SyntheticGradient(RegressionRule):
     name = "sg"
 
     def targets(
-        self,
-        step: StepContext,
-        record: _Record,
-        learning: list[FeedbackLayer],
-        clean_loss: Tensor,
-        scale: float,
-    ) -> dict[FeedbackLayer, Tensor]:
+        self, step: StepContext, record: _Record, learning: list[FeedbackLayer]
+    ) -> tuple[dict[FeedbackLayer, Tensor], float]:
+        assert step.outputs is not None and step.loss is not None
+        clean_loss = per_example_loss(step.loss_fn, step.outputs.detach(), step.targets)
+        scale = loss_scale(step.loss, clean_loss)
         inputs: dict[FeedbackLayer, Tensor] = {}
 
         def capture(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -602,7 +600,7 @@ class SyntheticGradient(RegressionRule):
         finally:
             for handle in handles:
                 handle.remove()
-        return {layer: grad / scale for layer, grad in zip(learning, grads, strict=True)}
+        return {layer: grad / scale for layer, grad in zip(learning, grads, strict=True)}, scale
 
 
 @register_rule
