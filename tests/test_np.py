@@ -311,6 +311,31 @@ def test_sgd_step_is_the_gradient_of_the_regression_loss(shape: str) -> None:
         torch.testing.assert_close(layer.feedback_weight, expected.detach())
 
 
+@pytest.mark.parametrize(("shape", "fit"), [("fa", "sgd"), ("dfa", "sgd"), ("dfa", "ridge")])
+def test_conv_net_learns_feedback(shape: str, fit: str) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 6, 3, stride=2, padding=1),
+        nn.Tanh(), nn.Flatten(), nn.Linear(6 * 4 * 4, 5),
+    )  # fmt: skip
+    model = convert(net, "np", seed=0, shape=shape, fit=fit, lr_b=1e-3, noise_std=0.05)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 5, (16,), generator=gen)
+    train_step(model, opt, F.cross_entropy, x, y)
+    before = [model[i].feedback_weight.clone() for i in (0, 2, 5)]
+    for _ in range(3):
+        train_step(model, opt, F.cross_entropy, x, y)
+    expected = (4, 1, 3, 3) if shape == "fa" else (0,)
+    assert tuple(model[0].feedback_weight.shape) == expected
+    assert torch.equal(model[0].feedback_weight, before[0])  # never learned
+    for i, b in zip((2, 5), before[1:], strict=True):
+        assert torch.isfinite(model[i].feedback_weight).all()
+        assert not torch.equal(model[i].feedback_weight, b)
+    if shape == "dfa":
+        assert model[2].feedback_weight.shape == (5, 4, 8, 8)  # (n_out, C, H, W) of its input
+
+
 def test_ridge_is_the_exact_regularised_least_squares_solution() -> None:
     torch.manual_seed(0)
     rule = asymprop.make_rule("np", fit="ridge", gamma=0.5)
