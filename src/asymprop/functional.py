@@ -43,18 +43,25 @@ class _FeedbackLinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         # Under autocast grad_out may be bf16/fp16 while the saved tensors are fp32: compute in
         # grad_out's dtype, as autograd's own linear backward does; autograd casts the results.
+        dtype = grad_out.dtype
         if need_x:
             # (..., out) @ (out, in) -> (..., in): the error travels through B, not W.
-            grad_x = grad_out @ backward_weight.to(grad_out.dtype)
+            grad_x = grad_out @ _cast(backward_weight, dtype)
+        if grad_out.dim() != 2:  # fold all leading dims into N
+            grad_out = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+            x = x.reshape(-1, x.shape[-1])  # (N, in)
         if need_w or need_bw:
-            g2 = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out), N = all leading dims
-            x2 = x.reshape(-1, x.shape[-1]).to(grad_out.dtype)  # (N, in)
-            grad_w = g2.t() @ x2  # (out, N) @ (N, in) -> (out, in)
+            grad_w = grad_out.t().mm(_cast(x, dtype))  # (out, N) @ (N, in) -> (out, in)
         if need_b and ctx.has_bias:
-            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+            grad_b = grad_out.sum(0)
         # KP: B receives W's gradient (the same tensor: autograd accumulates it separately).
         grad_bw = grad_w if need_bw else None
         return grad_x, (grad_w if need_w else None), grad_b, grad_bw
+
+
+def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor`` in ``dtype``, without a dispatch when it already is (the common case)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 class _FeedbackConv2d(torch.autograd.Function):
@@ -89,8 +96,8 @@ class _FeedbackConv2d(torch.autograd.Function):
         # This is the op behind torch.nn.grad.conv2d_input / conv2d_weight.
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_out,
-            x.to(grad_out.dtype),
-            backward_weight.to(grad_out.dtype),
+            _cast(x, grad_out.dtype),
+            _cast(backward_weight, grad_out.dtype),
             ctx.bias_sizes,
             list(stride),
             list(padding),
