@@ -128,8 +128,8 @@ def test_checkpoint_restores_the_model(tmp_path: Path) -> None:
     config = tiny(tmp_path)
     train(config, plots=False)
     assert config_from_dict(RunConfig, read_yaml(tmp_path / "run" / "config.yaml")) == config
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
-    assert {"model", "optimizer", "epoch", "step", "config", "torch_rng_state"} <= set(state)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert {"model", "optimizer", "epoch", "step", "batch", "config", "rng", "rows"} <= set(state)
     assert state["epoch"] == 1 and "1.feedback_weight" in state["model"]
     run = prepare(config)  # fresh weights
     load_checkpoint(run, tmp_path / "run" / "checkpoint.pt")

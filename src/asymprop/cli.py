@@ -4,19 +4,37 @@ Settings come, later ones winning, from the defaults, a YAML file (``--config FI
 name of a file in ``./experiments``), the flags, and trailing ``key=value`` overrides
 (``asymprop compare --config digits-all-rules epochs=3 rule_options.brsf.flip=0.25``).
 
-Bad input (an unknown rule, model or dataset, a model that does not fit the data, a bad rule
-option, a missing dataset) is one line on stderr naming the valid choices or the fix, and exit
-code 2. A run whose loss becomes NaN or infinite stops with exit code 3.
+``asymprop train --resume DIR`` continues the run in DIR from its ``checkpoint.pt`` exactly as if
+it had never stopped (``--epochs`` may be raised; settings that change the computation may not).
+
+Under ``torchrun --nproc_per_node=N -m asymprop train ...`` each process trains on its share of
+every global minibatch (``batch_size`` is the global batch), and only rank 0 writes files and
+prints (docs/distributed.md).
+
+Exit codes:
+
+* 0: done;
+* 2: bad input (an unknown rule, model or dataset, a model that does not fit the data, a bad
+  setting or rule option, a missing dataset or checkpoint): one line on stderr naming the valid
+  choices or the fix, before any training;
+* 3: the run diverged (NaN or inf in the loss, a weight or a feedback weight): one line naming
+  rule, step and layer; the last good checkpoint is kept;
+* 130 (SIGINT, Ctrl-C) or 143 (SIGTERM): stopped after finishing the current step and writing
+  a checkpoint; the message gives the ``--resume`` command. A second signal ends it at once
+  (the checkpoint on disk stays whole: writes are atomic).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
+import os
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -26,7 +44,7 @@ __all__ = ["main"]
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130; SIGTERM gives 128 + 15 = 143
 
 _PROG = "asymprop"
 
@@ -43,8 +61,14 @@ class _BadInputError(Exception):
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    print(_one_line(message), file=sys.stderr)
+    if _is_main_process():
+        print(_one_line(message), file=sys.stderr)
     sys.exit(code)
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a plain process: the one that prints."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _one_line(message: str) -> str:
@@ -153,6 +177,17 @@ def _common(parser: argparse.ArgumentParser, *, one_run: bool) -> None:
     parser.add_argument("--weight-decay", dest="weight_decay", type=float, default=s, metavar="WD")
     parser.add_argument("--device", default=s, help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument(
+        "--amp", default=s, metavar="MODE", help="mixed precision on GPU: bf16, fp16 or none"
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        dest="checkpoint_every_steps",
+        type=int,
+        default=s,
+        metavar="K",
+        help="also write checkpoint.pt every K steps (default: after every epoch only)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=s,
@@ -208,12 +243,20 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Train one model with one feedback rule; writes config.yaml, metrics.csv "
         "(one row per epoch), checkpoint.pt and plots to --out "
         "(default runs/<rule>-<model>-<data>-seed<seed>).",
+        epilog="Exit codes: 0 done, 2 bad input, 3 diverged (last good checkpoint kept), 130 "
+        "SIGINT / 143 SIGTERM (checkpoint written after the current step; continue with "
+        "--resume DIR). Under torchrun, batch_size is the global batch.",
     )
     train.add_argument("--rule", default=s, help="feedback rule (default bp; see asymprop list)")
     train.add_argument("--model", default=s, help="model (default mlp)")
     train.add_argument("--data", default=s, help="dataset (default digits)")
     train.add_argument("--seed", type=int, default=s)
     train.add_argument("--out", default=s, metavar="DIR", help="run directory")
+    train.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR from its checkpoint.pt (--epochs may be raised)",
+    )
     _common(train, one_run=True)
 
     compare = sub.add_parser(
@@ -273,6 +316,8 @@ _FLAGS_SHARED = (
     "momentum",
     "weight_decay",
     "device",
+    "amp",
+    "checkpoint_every_steps",
     "threads",
     "tensorboard",
 )
@@ -304,9 +349,7 @@ def _settings(args: argparse.Namespace, flags: Sequence[str]) -> dict[str, Any]:
     return data
 
 
-def _train_config(args: argparse.Namespace) -> Any:
-    from .experiment import RunConfig, config_from_dict
-
+def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
     data = _settings(args, _FLAGS_TRAIN)
     for text in args.rule_opt:
         key, value = _key_value(text, "--rule-opt")
@@ -314,6 +357,23 @@ def _train_config(args: argparse.Namespace) -> Any:
     for text in args.model_opt:
         key, value = _key_value(text, "--model-opt")
         data.setdefault("model_options", {})[key] = value
+    return data
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    from .experiment import RunConfig, config_from_dict, resume_config
+
+    data = _train_settings(args)
+    if args.resume:
+        if "out" in data:
+            raise _BadInputError(
+                f"--resume {args.resume} continues in that folder; leave out --out"
+            )
+        saved = resume_config(args.resume)
+        for name in ("rule_options", "model_options"):  # merged into the saved ones
+            if name in data:
+                data[name] = {**getattr(saved, name), **data[name]}
+        return resume_config(args.resume, data)
     source = f"config {args.config}" if args.config else "settings"
     return config_from_dict(RunConfig, data, source)
 
@@ -361,11 +421,12 @@ def _has_option(rule: str, option: str) -> bool:
 # --- commands -----------------------------------------------------------------------------------
 
 
-def _bar(total: int, quiet: bool, desc: str) -> Any:
+def _bar(total: int, quiet: bool, desc: str, initial: int = 0) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(
         total=total,
+        initial=initial,
         desc=desc,
         unit="step",
         disable=quiet or not sys.stderr.isatty(),
@@ -383,7 +444,7 @@ def _check(action: Any) -> Any:
         return action()
     except (_BadInputError, ConfigError, DatasetNotFoundError) as err:
         _fail(f"{_PROG}: error: {err}")
-    except (ValueError, TypeError) as err:  # the library's messages name the fix
+    except (ValueError, TypeError, ImportError) as err:  # the library's messages name the fix
         _fail(f"{_PROG}: error: {err}")
 
 
@@ -401,35 +462,81 @@ def _epoch_line(row: dict[str, Any]) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .experiment import prepare, train
-    from .train import DivergenceError
+    from .experiment import CHECKPOINT, Interrupted, RunDivergedError, load_checkpoint, prepare
+    from .experiment import train as train_run
+    from .guard import StopSignals
 
     config = _check(lambda: _train_config(args))
-    run = _check(lambda: prepare(config))
-    out = config.run_dir
-    bar = _bar(run.steps_per_epoch() * config.epochs, args.quiet, config.rule)
+    with _distributed(config.device) as info:
+        main = info is None or info.rank == 0
+        quiet = args.quiet or not main
+        run = _check(lambda: prepare(config, dist_info=info))
+        out = config.run_dir
+        if args.resume:
+            _check(lambda: load_checkpoint(run, out / CHECKPOINT))
+        total = run.steps_per_epoch() * config.epochs
+        bar = _bar(total, quiet, config.rule, initial=min(run.step, total))
 
-    def on_epoch(row: dict[str, Any]) -> None:
-        if not args.quiet:
-            bar.write(_epoch_line(row), file=sys.stderr)
+        def on_epoch(row: dict[str, Any]) -> None:
+            if not quiet:
+                bar.write(_epoch_line(row), file=sys.stderr)
 
-    if not args.quiet:
-        print(f"training {config.rule} on {config.model}/{config.data} -> {out}", file=sys.stderr)
-    try:
-        with bar:
-            train(config, run=run, progress=bar, on_epoch=on_epoch)
-    except DivergenceError as err:
-        _fail(
-            f"{_PROG}: error: run diverged in epoch {run.epoch + 1} (step {run.step + 1}): {err}; "
-            f"the last good epoch is in {out / 'checkpoint.pt'} (try a smaller --lr, batch norm, "
-            "or --optimizer bm1)",
-            EXIT_DIVERGED,
-        )
-    except KeyboardInterrupt:
-        _fail(f"{_PROG}: interrupted; finished epochs are in {out}", EXIT_INTERRUPTED)
-    files = sorted(p.name for p in out.iterdir() if p.is_file())
-    print(f"wrote {out}: {', '.join(files)}")
+        if not quiet:
+            what = f"resuming {out} after step {run.step}" if args.resume else "training"
+            world = f" on {info.world_size} processes" if info is not None else ""
+            print(f"{what} {config.rule} on {config.model}/{config.data}{world} -> {out}",
+                  file=sys.stderr)  # fmt: skip
+            if run.epoch >= config.epochs:
+                print(f"{out} has finished its {config.epochs} epochs; raise --epochs to train "
+                      "further", file=sys.stderr)  # fmt: skip
+        try:
+            with bar, StopSignals() as stop:
+                train_run(config, run=run, progress=bar, on_epoch=on_epoch, stop=stop)
+        except RunDivergedError as err:
+            kept = (
+                f"the last good checkpoint is {out / CHECKPOINT} (step {run.saved_step})"
+                if run.saved_step is not None
+                else "no checkpoint was written"
+            )
+            _fail(
+                f"{_PROG}: error: {err}; {kept}; try a smaller --lr, batch norm, --optimizer "
+                "bm1, or on_divergence=skip",
+                EXIT_DIVERGED,
+            )
+        except Interrupted as stopped:
+            _fail(
+                f"{_PROG}: {stopped}; checkpoint written to {out / CHECKPOINT}; continue with: "
+                f"asymprop train --resume {out}",
+                128 + stopped.signum,
+            )
+        except KeyboardInterrupt:
+            _fail(f"{_PROG}: interrupted; finished epochs are in {out}", EXIT_INTERRUPTED)
+    if main:
+        files = sorted(p.name for p in out.iterdir() if p.is_file())
+        print(f"wrote {out}: {', '.join(files)}")
     return 0
+
+
+@contextlib.contextmanager
+def _distributed(device: str) -> Iterator[Any]:
+    """Join torchrun's process group when launched by it (``WORLD_SIZE`` > 1), else None.
+
+    ``device``: the run's setting; ``cpu`` trains on CPUs (gloo), anything else on
+    ``cuda:LOCAL_RANK`` when CUDA is available (NCCL).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield None
+        return
+    import torch.distributed as dist
+
+    from .distributed import init
+
+    info = init(device="cpu" if device == "cpu" else None)
+    try:
+        yield info
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -437,23 +544,33 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     config = _check(lambda: _compare_config(args))
-    cache: dict[tuple[Any, ...], Any] = {}
-    runs = _check(lambda: plan(config, cache))
-    if not args.quiet:
-        print(
-            f"comparing {len(runs)} runs: rules {', '.join(config.rule_names())}; models "
-            f"{', '.join(config.models)}; data {', '.join(config.data)}; seeds "
-            f"{', '.join(map(str, config.seeds))} -> {config.out}",
-            file=sys.stderr,
-        )
-    bar = _bar(sum(steps for _, steps in runs), args.quiet, "compare")
-    try:
-        with bar:
-            results, table = compare(config, runs=runs, cache=cache, progress=bar)
-    except KeyboardInterrupt:
-        _fail(
-            f"{_PROG}: interrupted; finished runs are in {config.out}/results.csv", EXIT_INTERRUPTED
-        )
+    device = str(config.settings.get("device", "auto"))
+    with _distributed(device) as info:
+        main = info is None or info.rank == 0
+        quiet = args.quiet or not main
+        cache: dict[tuple[Any, ...], Any] = {}
+        world = info.world_size if info is not None else 1
+        runs = _check(lambda: plan(config, cache, world))
+        if not quiet:
+            print(
+                f"comparing {len(runs)} runs: rules {', '.join(config.rule_names())}; models "
+                f"{', '.join(config.models)}; data {', '.join(config.data)}; seeds "
+                f"{', '.join(map(str, config.seeds))} -> {config.out}",
+                file=sys.stderr,
+            )
+        bar = _bar(sum(steps for _, steps in runs), quiet, "compare")
+        try:
+            with bar:
+                results, table = compare(
+                    config, runs=runs, cache=cache, progress=bar, dist_info=info
+                )
+        except KeyboardInterrupt:
+            _fail(
+                f"{_PROG}: interrupted; finished runs are in {config.out}/results.csv",
+                EXIT_INTERRUPTED,
+            )
+    if not main:
+        return 0
     print(table, end="")
     out = Path(config.out)
     files = ", ".join(p.name for p in sorted(out.iterdir()) if p.is_file())
@@ -493,6 +610,18 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parse_args``, but ``key=value`` overrides may also come after flags
+    (``asymprop train --lr 0.1 epochs=3 --quiet threads=1``)."""
+    args, extras = parser.parse_known_args(argv)
+    unknown = [e for e in extras if e.startswith("-") or "=" not in e]
+    if unknown or (extras and "overrides" not in args):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extras)}")
+    if extras:
+        args.overrides = [*args.overrides, *extras]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``asymprop`` command; returns the exit code."""
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
@@ -504,7 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "list": _cmd_list,
     }
     try:
-        args = parser.parse_args(argv)
+        args = _parse(parser, argv)
         if args.command is None:
             parser.print_help()
             return EXIT_BAD_INPUT

@@ -22,7 +22,12 @@ rule so that only the rule differs:
 
 Rule-specific settings go in ``rule_options`` and apply only when that rule is in the
 comparison; the main job sets none except for presets whose paper settings are sized for
-ImageNet (see :data:`MAIN_JOB_RULE_OPTIONS`).
+ImageNet (see :data:`MAIN_JOB_RULE_OPTIONS`). ``rule_settings`` overrides shared run settings
+for one rule (sign symmetry's learning rate 0.5, weight mirrors' two mirror-only epochs and later
+warm-up in 000 App. D.1-D.2: see ``experiments/imagenet-resnet18.yaml``).
+
+Under ``torchrun`` every run of the comparison is a data-parallel run on all processes, one
+after another; only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .distributed import DistInfo
 from .experiment import (
     ConfigError,
     DataCache,
@@ -116,6 +122,9 @@ class CompareConfig:
         rule_options: per rule name, its options (``{brsf: {flip: 0.25}}``); used when that
             rule runs.
         model_options: per model name, the builder's options.
+        rule_settings: per rule name, shared settings that differ for that rule
+            (``{usf: {lr: 0.5}}``); they replace the shared value, whole (a ``lr_schedule``
+            given here replaces the shared schedule).
         settings: every other :class:`~asymprop.experiment.RunConfig` setting, shared by all
             runs (epochs, batch_size, optimizer, lr, ...).
         out: the comparison's directory.
@@ -131,6 +140,7 @@ class CompareConfig:
     model_options: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {k: dict(v) for k, v in MAIN_JOB_MODEL_OPTIONS.items()}
     )
+    rule_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=lambda: dict(MAIN_JOB_SETTINGS))
     out: str = "runs/compare"
 
@@ -153,8 +163,9 @@ def compare_config(data: Mapping[str, Any], source: str = "config") -> CompareCo
     """A :class:`CompareConfig` from flat settings over the main job's defaults.
 
     Keys are the comparison's own (``rules``, ``models``, ``data``, ``seeds``, ``rule_options``,
-    ``model_options``, ``out``) or any shared run setting (``epochs``, ``lr``, ...). The
-    per-rule and per-model options given are merged into the defaults, option by option.
+    ``model_options``, ``rule_settings``, ``out``) or any shared run setting (``epochs``,
+    ``lr``, ...). The per-rule and per-model options given are merged into the defaults, option
+    by option.
 
     Raises:
         ConfigError: unknown key (lists the valid ones) or wrong type.
@@ -183,6 +194,14 @@ def compare_config(data: Mapping[str, Any], source: str = "config") -> CompareCo
     shared = {key: value for key, value in data.items() if key in SHARED}
     config_from_dict(RunConfig, shared, source)  # types of the shared settings
     config.settings = {**MAIN_JOB_SETTINGS, **shared}
+    for rule, changes in config.rule_settings.items():
+        wrong = [key for key in changes if key not in SHARED]
+        if wrong:
+            raise ConfigError(
+                f"{source}: rule_settings.{rule}: {wrong[0]!r} is not a shared run setting "
+                f"(per-rule options go in rule_options); valid: {', '.join(SHARED)}"
+            )
+        config_from_dict(RunConfig, changes, f"{source}: rule_settings.{rule}")
     return config
 
 
@@ -190,11 +209,14 @@ _PLURAL = {"rule": "rules", "model": "models", "data": "data", "seed": "seeds"}
 _PLURAL.update({"rule_options": "rule_options", "model_options": "model_options", "out": "out"})
 
 
-def plan(config: CompareConfig, cache: DataCache | None = None) -> list[tuple[RunConfig, int]]:
+def plan(
+    config: CompareConfig, cache: DataCache | None = None, world_size: int = 1
+) -> list[tuple[RunConfig, int]]:
     """Every run of the comparison with its number of training steps, all checked up front.
 
     Each (rule, model, dataset) is prepared once (data loaded, model built and converted) so a
     bad name, option, missing dataset or a model that does not fit fails before any training.
+    ``world_size``: the processes of a torchrun job (the global batch must split evenly).
 
     Raises:
         ConfigError, ValueError, TypeError, asymprop.data.DatasetNotFoundError.
@@ -205,11 +227,12 @@ def plan(config: CompareConfig, cache: DataCache | None = None) -> list[tuple[Ru
             raise ConfigError(f"{axis} is empty: name at least one")
     if not config.seeds:
         raise ConfigError("seeds is empty: name at least one")
-    for name in config.rule_options:
-        if name not in RULES:
-            raise ConfigError(
-                f"rule_options names unknown rule {name!r}; valid rules: {', '.join(RULES)}"
-            )
+    for what in ("rule_options", "rule_settings"):
+        for name in getattr(config, what):
+            if name not in RULES:
+                raise ConfigError(
+                    f"{what} names unknown rule {name!r}; valid rules: {', '.join(RULES)}"
+                )
     runs: list[tuple[RunConfig, int]] = []
     steps: dict[tuple[str, str, str], int] = {}
     out = Path(config.out)
@@ -218,7 +241,7 @@ def plan(config: CompareConfig, cache: DataCache | None = None) -> list[tuple[Ru
             for rule in rules:
                 for seed in config.seeds:
                     run_config = RunConfig(
-                        **config.settings,
+                        **{**config.settings, **config.rule_settings.get(rule, {})},
                         rule=rule,
                         rule_options=dict(config.rule_options.get(rule, {})),
                         model=model,
@@ -229,8 +252,9 @@ def plan(config: CompareConfig, cache: DataCache | None = None) -> list[tuple[Ru
                     )
                     key = (rule, model, data)
                     if key not in steps:
-                        check_config(run_config)
+                        check_config(run_config, world_size)
                         prepared = prepare(run_config, cache)
+                        prepared.world_size = world_size  # its steps per epoch, not a DDP model
                         steps[key] = prepared.steps_per_epoch() * run_config.epochs
                         del prepared
                     runs.append((run_config, steps[key]))
@@ -276,6 +300,7 @@ def compare(
     runs: Sequence[tuple[RunConfig, int]] | None = None,
     cache: DataCache | None = None,
     progress: Progress | None = None,
+    dist_info: DistInfo | None = None,
 ) -> tuple[list[dict[str, Any]], str]:
     """Run every run of ``config`` and write the comparison; returns the rows and the table.
 
@@ -287,20 +312,27 @@ def compare(
         runs, cache: the output of an earlier :func:`plan` and the datasets it loaded (else
             planned here).
         progress: gets one ``update`` per training step of all runs together.
+        dist_info: this process's place in a torchrun job (each run is data-parallel over all
+            processes; only rank 0 writes).
     """
     cache = cache if cache is not None else {}
-    runs = runs if runs is not None else plan(config, cache)
+    world_size = dist_info.world_size if dist_info is not None else 1
+    runs = runs if runs is not None else plan(config, cache, world_size)
+    main = dist_info is None or dist_info.rank == 0
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_yaml(out / "config.yaml", config.to_dict())
-    (out / "results.csv").unlink(missing_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_yaml(out / "config.yaml", config.to_dict())
+        (out / "results.csv").unlink(missing_ok=True)
     counter = _Counter(progress)
     results: list[dict[str, Any]] = []
     curves: list[tuple[RunConfig, list[dict[str, Any]]]] = []
     for run_config, steps in runs:
         start = counter.n
         try:
-            rows = train(run_config, cache=cache, progress=counter, plots=False)
+            rows = train(
+                run_config, cache=cache, progress=counter, plots=False, dist_info=dist_info
+            )
             status = "ok"
         except DivergenceError as err:
             log.warning("%s diverged: %s", run_config.run_dir.name, err)
@@ -308,8 +340,9 @@ def compare(
         counter.update(start + steps - counter.n)  # a diverged run's remaining steps
         results.append(result_row(run_config, rows, status))
         curves.append((run_config, rows))
-        write_csv(out / "results.csv", results, RESULT_COLUMNS)
-    table = _write_summary(out, results, curves)
+        if main:
+            write_csv(out / "results.csv", results, RESULT_COLUMNS)
+    table = _write_summary(out, results, curves) if main else ""
     return results, table
 
 

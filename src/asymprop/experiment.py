@@ -1,4 +1,4 @@
-"""One training run, as one readable loop: data, model, rule, optimizer, epochs, logs.
+"""One training run, as one readable loop, and what lets it survive hours and many processes.
 
     config = RunConfig(rule="usf", model="mlp", data="digits", epochs=5)
     rows = train(config)              # writes config.yaml, metrics.csv, checkpoint.pt, plots
@@ -14,12 +14,37 @@
    accuracy, and per converted layer the alignment of B with W and of the rule's error with
    backprop's on a fixed test batch); one ``metrics.csv`` row and a ``checkpoint.pt`` each.
 
-Randomness comes from ``config.seed`` only: ``torch.manual_seed(seed)`` before the model is
-built (weights, dropout, noise), ``convert(..., seed=seed)`` for the feedback weights, and a
-generator seeded by ``(seed, epoch)`` for each epoch's data order -- so the order of epoch ``e``
-does not depend on what ran before it. Evaluation runs under ``torch.random.fork_rng`` and
-leaves the training stream untouched. The train/test split itself is fixed (seed 0), so all
-seeds are scored on the same test set.
+Randomness comes from ``config.seed`` only: ``torch.manual_seed(seed)`` (and NumPy's and
+Python's) before the model is built (weights, dropout, noise), ``convert(..., seed=seed)`` for
+the feedback weights, and a generator seeded by ``(seed, epoch)`` for each epoch's data order --
+so the order of epoch ``e`` does not depend on what ran before it. Evaluation runs under
+``torch.random.fork_rng`` and leaves the training stream untouched. The train/test split itself
+is fixed (seed 0), so all seeds are scored on the same test set.
+
+**Checkpoints and resume.** ``checkpoint.pt`` is replaced atomically (``asymprop.checkpoint``)
+after every epoch, every ``checkpoint_every_steps`` steps, and when SIGINT/SIGTERM stop the run
+(:class:`~asymprop.guard.StopSignals`). It holds all the rest of the run depends on: the model's
+``state_dict`` (weights, feedback weights and rule state), optimizer and grad-scaler state, the
+random states, the position (epoch, step, batch within the epoch, the epoch's loss so far), the
+learning-rate scale and the ``metrics.csv`` rows so far. The learning-rate schedule is a pure
+function of the position and the data order of ``(seed, epoch)``, so nothing else is needed:
+:func:`load_checkpoint` into a freshly prepared run and :func:`train` continues exactly (same
+rows but ``seconds``, same weights, bit for bit on CPU with the same thread count).
+
+**Divergence.** ``train_step`` refuses a non-finite loss before touching the weights; every
+``check_every_steps`` steps and before every checkpoint the weights, feedback weights and rule
+buffers are scanned (:func:`~asymprop.guard.first_nonfinite`), so no checkpoint ever holds a
+NaN. ``on_divergence: stop`` raises :class:`RunDivergedError` naming rule, step and layer;
+``skip`` skips a step whose loss is not finite, goes back to the last checkpoint when a weight
+is (or when two steps in a row had a non-finite loss: the weights are finite but blown up), and
+each time multiplies the learning rate by ``lr_backoff``, at most ``max_divergence_skips`` times.
+
+**Several processes.** Under ``torchrun`` (:func:`prepare` with a ``DistInfo``) the model is
+wrapped in ``DistributedDataParallel``; ``batch_size`` is the *global* batch: each global
+minibatch (the same as in one process) is cut into ``world_size`` equal shares, rank ``r``
+training on share ``r``, so a run on N processes equals a one-process run up to float rounding
+(as a ``DistributedSampler`` would shard it, but with the one-process batches). The training
+loss and the test metrics are reduced over ranks, and only rank 0 writes files.
 
 The task follows from the model: a model whose output has one value per class is trained with
 cross-entropy (classification); one whose output is the flattened input (the autoencoder) with
@@ -29,272 +54,90 @@ the mean squared reconstruction error, on pixels in [0, 1], and has no accuracy.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import importlib.util
+import logging
 import math
-import os
+import random
 import time
-import types
-import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol, cast
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data import Dataset as TorchDataset
 
+from .checkpoint import capture_rng, read_checkpoint, remove_stale, restore_rng, write_atomic
+from .config import (
+    RESUMABLE,
+    ConfigError,
+    LRSchedule,
+    RunConfig,
+    check_config,
+    config_from_dict,
+    resolve_device,
+)
 from .convert import convert, feedback_layers
-from .data import Dataset, list_datasets, load_dataset
+from .data import Dataset, load_dataset
+from .distributed import DistInfo, wrap
+from .guard import StopSignals, first_nonfinite, largest_weight
 from .metrics import alignment, delta_alignment
-from .models import build_model, list_models
-from .optim import OPTIMIZERS, make_optimizer
-from .records import METRIC_COLUMNS, append_row, layer_columns, write_yaml
-from .rules import RULES, make_rule
-from .train import train_step
+from .mirror import mirror
+from .models import build_model
+from .optim import make_optimizer
+from .records import METRIC_COLUMNS, append_row, layer_columns, write_csv, write_yaml
+from .train import DivergenceError, train_step
 
 __all__ = [
     "CHECKPOINT",
+    "RESUMABLE",
+    "Autocast",
     "ConfigError",
     "DataCache",
+    "Interrupted",
+    "LRSchedule",
     "Progress",
     "Run",
     "RunConfig",
+    "RunDivergedError",
     "check_config",
     "config_from_dict",
     "evaluate",
     "load_checkpoint",
+    "minibatches",
     "prepare",
+    "resume_config",
     "save_checkpoint",
     "train",
     "train_epoch",
 ]
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 DATA_SPLIT_SEED = 0
 """Seed of datasets' own train/test split (digits): fixed, so every run sees one test set."""
 EVAL_BATCH_SIZE = 1000
 
-Task = Literal["auto", "classification", "reconstruction"]
+
+class RunDivergedError(DivergenceError):
+    """The loss, a weight or a feedback weight became NaN or infinite; names rule, step, layer."""
 
 
-class ConfigError(ValueError):
-    """A setting is missing, unknown, of the wrong type or out of range (the message says which)."""
+class Interrupted(Exception):  # noqa: N818 (an event, not an error)
+    """SIGINT or SIGTERM stopped the run after a finished step; ``checkpoint.pt`` holds it."""
+
+    def __init__(self, signal_name: str, signum: int, epoch: int, step: int) -> None:
+        super().__init__(f"stopped by {signal_name} after step {step} (epoch {epoch})")
+        self.signal_name, self.signum, self.epoch, self.step = signal_name, signum, epoch, step
 
 
-@dataclass
-class RunConfig:
-    """Everything that defines one run; ``config.yaml`` is this, and ``--config`` reads it back.
-
-    Attributes:
-        rule: a name from ``asymprop.RULES``; rule_options: its options (``flip: 0.25``).
-        model: a name from ``asymprop.models.list_models()``; model_options: the builder's
-            keyword options (``widths: [128, 128]``, ``batchnorm: true``).
-        data: a name from ``asymprop.data.list_datasets()``; data_dir, download: where to find
-            or fetch its files; train_size: keep this many training examples (None: all).
-        epochs, batch_size: passes over the training set, examples per step.
-        optimizer: one of ``asymprop.optim.OPTIMIZERS``; lr: learning rate; momentum: None
-            gives 0.9 for sgd, nesterov and bm1-3 and nothing for adam/adamw; weight_decay.
-        seed: seeds the weights, the feedback weights, dropout and the data order.
-        task: ``auto`` (from the model's output shape), ``classification`` (cross-entropy) or
-            ``reconstruction`` (MSE against the input).
-        normalize: standardise inputs; None: yes for classification, no (pixels in [0, 1])
-            for reconstruction.
-        align_batch_size: test examples in the fixed batch on which delta alignment is measured.
-        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...
-        threads: ``torch.set_num_threads`` for the run (None: torch's default). Small models
-            train several times faster on one thread than on two busy cores.
-        workers: ``DataLoader`` worker processes for datasets read from files (image folders).
-        out: the run directory (None: ``runs/<rule>-<model>-<data>-seed<seed>``).
-        tensorboard: also log every metric to ``out/tensorboard`` (needs the tensorboard package).
-    """
-
-    rule: str = "bp"
-    rule_options: dict[str, Any] = field(default_factory=dict)
-    model: str = "mlp"
-    model_options: dict[str, Any] = field(default_factory=dict)
-    data: str = "digits"
-    data_dir: str | None = None
-    download: bool = False
-    train_size: int | None = None
-    epochs: int = 10
-    batch_size: int = 32
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float | None = None
-    weight_decay: float = 0.0
-    seed: int = 0
-    task: str = "auto"
-    normalize: bool | None = None
-    align_batch_size: int = 256
-    device: str = "auto"
-    threads: int | None = None
-    workers: int = 0
-    out: str | None = None
-    tensorboard: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data for ``config.yaml`` (``out`` filled in)."""
-        data = dataclasses.asdict(self)
-        data["out"] = str(self.run_dir)
-        return data
-
-    @property
-    def run_dir(self) -> Path:
-        if self.out is not None:
-            return Path(self.out)
-        return Path("runs") / f"{self.rule}-{self.model}-{self.data}-seed{self.seed}"
-
-
-# --- settings from files and command lines ------------------------------------------------------
-
-
-def config_from_dict(cls: type[Any], data: Mapping[str, Any], source: str = "config") -> Any:
-    """Build dataclass ``cls`` from ``data``, naming unknown keys and ill-typed values.
-
-    A scalar given for a list setting becomes a one-item list, and a string with commas is split
-    (``seeds: 0,1,2``), so command-line overrides read naturally.
-
-    Raises:
-        ConfigError: unknown key (lists the valid ones) or wrong type.
-    """
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise ConfigError(
-                f"{source}: unknown setting {key!r}; valid settings: {', '.join(fields)}"
-            )
-        value = _coerce(value, hints[key])
-        if not _matches(value, hints[key]):
-            raise ConfigError(
-                f"{source}: setting {key!r} must be {_describe(hints[key])}, got {value!r}"
-            )
-        values[key] = value
-    return cls(**values)
-
-
-def _coerce(value: Any, hint: Any) -> Any:
-    if typing.get_origin(hint) is not list:
-        return value
-    if isinstance(value, str):
-        return [_scalar(part.strip()) for part in value.split(",") if part.strip()]
-    if not isinstance(value, list | tuple):
-        return [value]
-    return list(value)
-
-
-def _scalar(text: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if hint is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, h) for h in args)
-    if hint is type(None):
-        return value is None
-    if origin is list:
-        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(
-            isinstance(k, str) and _matches(v, args[1]) for k, v in value.items()
-        )
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(h) for h in args)
-    if origin is list:
-        return f"a list of {_describe(args[0])}"
-    if origin is dict:
-        return "a mapping"
-    if hint is type(None):
-        return "null"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        hint, str(hint)
-    )
-
-
-def check_config(config: RunConfig) -> None:
-    """Check names, ranges and the rule's options; cheap (no data, no model).
-
-    Raises:
-        ConfigError, ValueError, TypeError: the message names the setting and the valid values.
-    """
-    _choice("rule", config.rule, sorted(RULES))
-    _choice("model", config.model, list_models())
-    _choice("data", config.data, list_datasets())
-    _choice("optimizer", config.optimizer, list(OPTIMIZERS))
-    _choice("task", config.task, list(typing.get_args(Task)))
-    if config.threads is not None and config.threads < 1:
-        raise ConfigError(
-            f"threads must be >= 1 (or null for torch's default), got {config.threads}"
-        )
-    if config.workers < 0:
-        raise ConfigError(f"workers must be >= 0, got {config.workers}")
-    for name in ("epochs", "batch_size", "align_batch_size"):
-        if getattr(config, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
-    if config.train_size is not None and config.train_size < 1:
-        raise ConfigError(f"train_size must be >= 1 (or null for all), got {config.train_size}")
-    if not (config.lr > 0 and math.isfinite(config.lr)):
-        raise ConfigError(f"lr must be a finite number > 0, got {config.lr}")
-    if config.momentum is not None and not 0 <= config.momentum < 1:
-        raise ConfigError(f"momentum must be in [0, 1), got {config.momentum}")
-    if not config.weight_decay >= 0:
-        raise ConfigError(f"weight_decay must be >= 0, got {config.weight_decay}")
-    if config.momentum and config.optimizer in ("adam", "adamw"):
-        raise ConfigError(
-            f"optimizer {config.optimizer!r} takes no momentum (got {config.momentum}); "
-            "leave momentum unset, or use sgd, nesterov or bm1-3"
-        )
-    _device(config.device)
-    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError(
-            "tensorboard logging needs the tensorboard package: pip install 'asymprop[tensorboard]'"
-            " (or leave out --tensorboard)"
-        )
-    make_rule(config.rule, **config.rule_options)  # unknown/ill-typed/out-of-range options
-
-
-def _choice(name: str, value: str, valid: list[str]) -> None:
-    if value not in valid:
-        raise ConfigError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for but CUDA is not available; use cpu or auto")
-    return device
-
-
-# --- one run ------------------------------------------------------------------------------------
+class _Rollback(Exception):  # noqa: N818
+    """A weight went non-finite under ``on_divergence: skip``: back to the last checkpoint."""
 
 
 class Progress(Protocol):
@@ -311,27 +154,82 @@ DataCache = dict[tuple[Any, ...], Dataset]
 
 @dataclass
 class Run:
-    """A prepared run: what the loop needs, and where it is (``epoch``, ``step``)."""
+    """A prepared run: what the loop needs, and where it is (what a checkpoint restores).
+
+    ``model`` is what the loop calls (the converted model, possibly inside :class:`Autocast`
+    and ``DistributedDataParallel``); ``module`` is the converted model itself (its
+    ``state_dict`` is checkpointed, its layers are measured).
+    """
 
     config: RunConfig
     dataset: Dataset
     task: str
     model: nn.Module
+    module: nn.Module
     optimizer: torch.optim.Optimizer
     loss_fn: Callable[[Tensor, Tensor], Tensor]
     device: torch.device
     probe: tuple[Tensor, Tensor]  # a fixed test batch (inputs, targets) for delta alignment
     layers: list[str]  # qualified names of the converted layers, module order
-    epoch: int = 0
-    step: int = 0
+    schedule: LRSchedule | None = None
+    scaler: torch.amp.GradScaler | None = None
+    rank: int = 0
+    world_size: int = 1
+    # --- position ---
+    epoch: int = 0  # epochs finished
+    step: int = 0  # steps taken (engaged or mirror), all epochs together
+    batch: int = 0  # minibatches of epoch ``epoch + 1`` done
+    loss_sum: float = 0.0  # their summed loss ...
+    loss_count: int = 0  # ... over this many finite ones
+    seconds: float = 0.0  # time earlier processes spent on epoch ``epoch + 1``
+    lr_scale: float = 1.0  # lowered by ``on_divergence: skip``
+    divergence_skips: int = 0
+    skipped_step: int | None = None  # the last step skipped for a non-finite loss
+    rows: list[dict[str, Any]] = field(default_factory=list)  # metrics.csv so far
+    saved_step: int | None = None  # the step of the last checkpoint written or loaded
+    epoch_started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 (or the only process): the one that writes files and reports progress."""
+        return self.rank == 0
 
     def steps_per_epoch(self) -> int:
-        return len(_batch_starts(len(self.dataset.train), self.config.batch_size))  # type: ignore[arg-type]
+        n = len(self.dataset.train)  # type: ignore[arg-type]
+        return len(_batch_starts(n, self.config.batch_size, self.world_size))
 
 
 def reconstruction_loss(outputs: Tensor, inputs: Tensor) -> Tensor:
     """Mean squared error between the output and the (flattened) input."""
     return F.mse_loss(outputs, inputs.reshape(outputs.shape))
+
+
+class Autocast(nn.Module):
+    """``module``'s forward under ``torch.autocast``, with float32 outputs.
+
+    Only the forward pass (and so its backward) runs in reduced precision: the loss, the
+    optimizer and the rules' between-step updates (mirror mode, sign recomputation), which run
+    outside the model's forward, stay in float32.
+    """
+
+    def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.module, self.device_type, self.dtype = module, device_type, dtype
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            outputs = self.module(*args, **kwargs)
+        return outputs.float()
+
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(run: Run) -> contextlib.AbstractContextManager[Any]:
+    """The run's autocast for a forward pass outside :class:`Autocast` (evaluation)."""
+    if run.config.amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(run.device.type, dtype=_AMP_DTYPES[run.config.amp])
 
 
 def load_data(config: RunConfig, normalize: bool, cache: DataCache | None = None) -> Dataset:
@@ -357,8 +255,12 @@ def infer_task(model: nn.Module, dataset: Dataset) -> str:
     outputs the flattened input; anything else is an error naming the shapes."""
     was_training = model.training
     model.eval()  # batch norm in eval mode: the dry run changes no running statistics
-    with torch.no_grad():
-        out = model(torch.zeros(2, *dataset.input_shape))
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *dataset.input_shape))
+    except RuntimeError as err:
+        reason = " ".join(str(err).split())[:300]
+        raise ConfigError(f"the model cannot run on {dataset.name!r} inputs: {reason}") from err
     model.train(was_training)
     features = math.prod(dataset.input_shape)
     if out.shape == (2, dataset.num_classes):
@@ -371,38 +273,70 @@ def infer_task(model: nn.Module, dataset: Dataset) -> str:
     )
 
 
-def prepare(config: RunConfig, cache: DataCache | None = None) -> Run:
+def prepare(
+    config: RunConfig, cache: DataCache | None = None, dist_info: DistInfo | None = None
+) -> Run:
     """Check the config, load the data, build and convert the model, build the optimizer.
 
     Every failure due to bad input happens here, before training starts.
+
+    Args:
+        config: the run.
+        cache: datasets shared between runs.
+        dist_info: this process's place in a torchrun job (``asymprop.distributed.init()``);
+            the model is wrapped in ``DistributedDataParallel`` when there are several.
 
     Raises:
         ConfigError, ValueError, TypeError: bad setting (names it and the valid values).
         asymprop.data.DatasetNotFoundError: the data is not on disk (says how to get it).
     """
-    check_config(config)
-    device = _device(config.device)
+    world_size = dist_info.world_size if dist_info is not None else 1
+    check_config(config, world_size)
+    schedule = config.schedule()
+    if dist_info is not None and dist_info.distributed:
+        device = dist_info.device
+    else:
+        device = resolve_device(config.device)
     normalize = config.normalize if config.normalize is not None else True
     dataset = load_data(config, normalize, cache)
     torch.manual_seed(config.seed)
-    model = build_model(
-        config.model, dataset.input_shape, dataset.num_classes, **config.model_options
-    )
-    task = config.task if config.task != "auto" else infer_task(model, dataset)
+    np.random.seed(config.seed)
+    random.seed(config.seed)
+    try:
+        module = build_model(
+            config.model, dataset.input_shape, dataset.num_classes, **config.model_options
+        )
+    except RuntimeError as err:  # torch's own complaint about a size, e.g. widths: [-3]
+        reason = " ".join(str(err).split())[:300]
+        raise ConfigError(
+            f"model {config.model!r} cannot be built with options {config.model_options}: {reason}"
+        ) from err
+    task = config.task if config.task != "auto" else infer_task(module, dataset)
     if task == "reconstruction" and config.normalize is None:
         dataset = load_data(config, False, cache)  # a ReLU output cannot reach negative pixels
-    if config.batch_size > len(dataset.train):  # type: ignore[arg-type]
+    n_train = len(dataset.train)  # type: ignore[arg-type]
+    if config.batch_size > n_train:
         raise ConfigError(
-            f"batch_size {config.batch_size} is larger than the {len(dataset.train)} training "  # type: ignore[arg-type]
-            f"examples of {config.data!r}"
+            f"batch_size {config.batch_size} is larger than the {n_train} training examples of "
+            f"{config.data!r}"
         )
-    model = convert(model, config.rule, seed=config.seed, **config.rule_options).to(device)
+    module = convert(module, config.rule, seed=config.seed, **config.rule_options).to(device)
     momentum = config.momentum
     if momentum is None:
         momentum = 0.0 if config.optimizer in ("adam", "adamw") else 0.9
+    lr = config.lr
+    if config.lr_reference_batch is not None:  # linear scaling rule (Goyal et al. 2017)
+        lr *= config.batch_size / config.lr_reference_batch
     optimizer = make_optimizer(
-        config.optimizer, model.parameters(), config.lr, momentum, config.weight_decay
+        config.optimizer, module.parameters(), lr, momentum, config.weight_decay
     )
+    for group in optimizer.param_groups:  # the schedule multiplies this
+        group["initial_lr"] = group["lr"]
+    model = module
+    if config.amp != "none":
+        model = Autocast(model, device.type, _AMP_DTYPES[config.amp])
+    if dist_info is not None:
+        model = wrap(model, dist_info)
     loss_fn = F.cross_entropy if task == "classification" else reconstruction_loss
     inputs, labels = _first(dataset.test, config.align_batch_size)
     targets = labels if task == "classification" else inputs
@@ -411,11 +345,16 @@ def prepare(config: RunConfig, cache: DataCache | None = None) -> Run:
         dataset=dataset,
         task=task,
         model=model,
+        module=module,
         optimizer=optimizer,
         loss_fn=loss_fn,
         device=device,
         probe=(inputs.to(device), targets.to(device)),
-        layers=[name for name, _ in feedback_layers(model)],
+        layers=[name for name, _ in feedback_layers(module)],
+        schedule=schedule,
+        scaler=torch.amp.GradScaler(device.type) if config.amp == "fp16" else None,
+        rank=dist_info.rank if dist_info is not None else 0,
+        world_size=world_size,
     )
 
 
@@ -424,20 +363,28 @@ def _first(dataset: TorchDataset, n: int) -> tuple[Tensor, Tensor]:
     return next(_in_order(dataset, n))
 
 
-def _in_order(dataset: TorchDataset, batch_size: int, workers: int = 0) -> Iterator[Any]:
-    """Batches of a dataset in its own order (slices for in-memory tensors)."""
+def _in_order(
+    dataset: TorchDataset, batch_size: int, workers: int = 0, rank: int = 0, world_size: int = 1
+) -> Iterator[Any]:
+    """Batches of a dataset in its own order (slices for in-memory tensors); with several
+    processes, rank ``r`` gets batches ``r, r + world_size, ...``."""
+    n = len(dataset)  # type: ignore[arg-type]
+    starts = list(range(0, n, batch_size))[rank::world_size]
     if isinstance(dataset, TensorDataset):
-        n = len(dataset)
-        for start in range(0, n, batch_size):
+        for start in starts:
             yield tuple(t[start : start + batch_size] for t in dataset.tensors)
     else:
-        yield from DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+        batches = [list(range(s, min(s + batch_size, n))) for s in starts]
+        yield from DataLoader(dataset, batch_sampler=batches, num_workers=workers)
 
 
-def minibatches(run: Run, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Epoch ``epoch``'s minibatches, in an order drawn from ``(seed, epoch)`` alone.
+def minibatches(run: Run, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    """Epoch ``epoch``'s minibatches from number ``start`` on, in an order drawn from
+    ``(seed, epoch)`` alone.
 
-    A last minibatch of a single example is left out (batch norm cannot train on it).
+    With several processes each global minibatch is cut into ``world_size`` equal shares and
+    this process gets share ``rank``. A last minibatch that cannot be split into shares of at
+    least two examples is left out (batch norm cannot train on one).
 
     In-memory datasets are sliced directly (much faster than a ``DataLoader`` of single
     examples); others (image folders) go through a ``DataLoader`` with the same order.
@@ -445,7 +392,13 @@ def minibatches(run: Run, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
     train, batch_size = run.dataset.train, run.config.batch_size
     generator = torch.Generator().manual_seed(run.config.seed * 1_000_003 + epoch)
     order = torch.randperm(len(train), generator=generator)  # type: ignore[arg-type]
-    batches = [order[start : start + batch_size] for start in _batch_starts(len(order), batch_size)]
+    starts = _batch_starts(len(order), batch_size, run.world_size)[start:]
+    batches = [order[s : s + batch_size] for s in starts]
+    if run.world_size > 1:
+        share = [len(b) // run.world_size for b in batches]
+        batches = [
+            b[run.rank * k : (run.rank + 1) * k] for b, k in zip(batches, share, strict=True)
+        ]
     if isinstance(train, TensorDataset):
         inputs, labels = train.tensors
         for batch in batches:
@@ -456,50 +409,238 @@ def minibatches(run: Run, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         )
 
 
-def _batch_starts(n: int, batch_size: int) -> range:
-    """Start of each minibatch; a last batch of one example is dropped (batch norm needs 2)."""
-    stop = n - 1 if n % batch_size == 1 and n > batch_size else n
-    return range(0, stop, batch_size)
+def _batch_starts(n: int, batch_size: int, world_size: int = 1) -> range:
+    """Start of each global minibatch; a last one that does not split into ``world_size``
+    shares of >= 2 examples is dropped (with one process: a last batch of one)."""
+    last = n % batch_size
+    if last and n > batch_size and (last % world_size or last // world_size < 2):
+        return range(0, n - last, batch_size)
+    return range(0, n, batch_size)
 
 
-def train_epoch(run: Run, epoch: int, progress: Progress | None = None) -> float:
-    """One pass over the training set; returns the mean minibatch loss.
+# --- the loop -----------------------------------------------------------------------------------
+
+
+def train_epoch(
+    run: Run,
+    epoch: int,
+    progress: Progress | None = None,
+    stop: StopSignals | None = None,
+    *,
+    checkpoints: bool = False,
+) -> float:
+    """Train epoch ``epoch`` from minibatch ``run.batch`` on; returns its mean minibatch loss.
+
+    An epoch ``<= mirror_warmup_epochs`` runs one pure mirror-mode step per minibatch instead
+    (and returns NaN). After each step: a NaN/inf scan every ``check_every_steps`` steps; with
+    ``checkpoints``, ``checkpoint.pt`` every ``checkpoint_every_steps`` steps and when ``stop``
+    has caught a signal.
 
     Raises:
-        asymprop.DivergenceError: the loss became NaN or infinite (weights not updated).
+        RunDivergedError: a NaN or inf in the loss, a weight or a feedback weight.
+        Interrupted: ``stop`` caught SIGINT/SIGTERM (after a checkpoint, with ``checkpoints``).
     """
+    config = run.config
+    mirror_only = epoch <= config.mirror_warmup_epochs
+    example = _mirror_example(run) if mirror_only else None
+    every = config.checkpoint_every_steps
     run.model.train()
-    total, batches = 0.0, 0
-    for inputs, labels in minibatches(run, epoch):
+    for inputs, labels in minibatches(run, epoch, start=run.batch):
         inputs, labels = inputs.to(run.device), labels.to(run.device)
         targets = labels if run.task == "classification" else inputs
-        # zero_grad, forward, loss.backward(), optimizer.step(), update_feedback(model)
-        loss = train_step(run.model, run.optimizer, run.loss_fn, inputs, targets)
-        total, batches = total + loss, batches + 1
-        run.step += 1
+        if mirror_only:  # 000 App. D.2: B learns W's transpose before any engaged step
+            mirror(run.module, 1, example_input=example)
+            example, loss = None, math.nan
+        else:
+            loss = _engaged_step(run, epoch, inputs, targets)
+        run.step, run.batch = run.step + 1, run.batch + 1
+        if math.isfinite(loss):
+            run.loss_sum, run.loss_count = run.loss_sum + loss, run.loss_count + 1
         if progress is not None:  # redrawn by update() at most every 0.1 s
-            progress.set_postfix_str(f"{run.config.rule} epoch {epoch} loss {loss:.3f}", False)
+            progress.set_postfix_str(f"{config.rule} epoch {epoch} loss {loss:.3f}", False)
             progress.update(1)
-    run.epoch = epoch
-    return total / batches
+        if run.step % config.check_every_steps == 0:
+            _check_state(run, epoch)
+        stopping = stop is not None and _any_rank(run, stop.requested)
+        if checkpoints and (stopping or (every is not None and run.step % every == 0)):
+            _check_state(run, epoch)  # never write NaN weights over a good checkpoint
+            save_checkpoint(run, config.run_dir / CHECKPOINT)
+        if stopping:
+            assert stop is not None and stop.signum is not None
+            raise Interrupted(stop.name, stop.signum, epoch, run.step)
+    count = _reduce_sum(run, [run.loss_sum, run.loss_count])
+    return count[0] / count[1] if count[1] else math.nan
+
+
+def _mirror_example(run: Run) -> Tensor:
+    """The first minibatch of epoch 1, from which mirror mode learns the layers' input shapes
+    (the same batch whenever a run starts or resumes, so the noise shapes never change)."""
+    inputs, _ = next(minibatches(run, 1))
+    return inputs.to(run.device)
+
+
+def _engaged_step(run: Run, epoch: int, inputs: Tensor, targets: Tensor) -> float:
+    """One ``asymprop.train_step`` at the scheduled learning rate; NaN for a skipped step."""
+    config = run.config
+    steps = run.steps_per_epoch()
+    start = epoch - 1 + run.batch / steps
+    factor = run.schedule.factor(start, start + 1 / steps) if run.schedule is not None else 1.0
+    for group in run.optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor * run.lr_scale
+    loss_fn = run.loss_fn if run.world_size == 1 else _SyncedLoss(run)
+    try:
+        if run.scaler is None:
+            return train_step(run.model, run.optimizer, loss_fn, inputs, targets)
+        return _scaled_step(run, run.scaler, loss_fn, inputs, targets)
+    except DivergenceError as err:
+        detail = str(err).split(" (rule")[0]
+        if config.on_divergence == "skip" and run.divergence_skips < config.max_divergence_skips:
+            if run.skipped_step == run.step:  # the step before was skipped too
+                raise _Rollback(f"steps {run.step} and {run.step + 1}: {detail}") from err
+            _back_off(run, f"step {run.step + 1}: {detail}; step skipped")
+            run.skipped_step = run.step + 1
+            return math.nan
+        where = _culprit(run)
+        raise _diverged(run, epoch, run.step + 1, f"{detail}; {where}") from err
+
+
+def _scaled_step(
+    run: Run,
+    scaler: torch.amp.GradScaler,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+) -> float:
+    """``train_step`` with float16's gradient scaler: the loss scaled before ``backward``, the
+    gradients unscaled (and the step skipped on overflow) by ``scaler.step``."""
+    scale = scaler.get_scale()
+    optimizer = _ScaledOptimizer(run.optimizer, scaler)
+
+    def scaled(outputs: Tensor, targets: Tensor) -> Tensor:
+        return scaler.scale(loss_fn(outputs, targets))
+
+    return train_step(run.model, cast(Any, optimizer), scaled, inputs, targets) / scale
+
+
+class _ScaledOptimizer:
+    """What ``train_step`` asks of an optimizer, with ``GradScaler.step``/``update``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+        self.optimizer, self.scaler = optimizer, scaler
+        self.param_groups = optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+
+class _SyncedLoss:
+    """The loss function of one step under DDP: its first call tells every rank whether any
+    rank's loss is not finite, and makes theirs NaN too, so that all raise ``DivergenceError``
+    before ``backward`` (a rank left alone would wait forever in backward's all-reduce)."""
+
+    def __init__(self, run: Run) -> None:
+        self.run, self.first = run, True
+
+    def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        loss = self.run.loss_fn(outputs, targets)
+        if self.first:
+            self.first = False
+            if _any_rank(self.run, not bool(torch.isfinite(loss.detach()))):
+                loss = loss + math.nan
+        return loss
+
+
+def _back_off(run: Run, what: str) -> None:
+    run.lr_scale *= run.config.lr_backoff
+    run.divergence_skips += 1
+    if run.is_main:
+        log.warning(
+            "%s (rule %s); learning rate scaled by %g (divergence %d of at most %d)",
+            what,
+            run.config.rule,
+            run.lr_scale,
+            run.divergence_skips,
+            run.config.max_divergence_skips,
+        )
+
+
+def _culprit(run: Run) -> str:
+    """Where the trouble is: the first non-finite tensor, or the layer with the largest weight."""
+    bad = first_nonfinite(run.module)
+    if bad is not None:
+        layer, attr, kind = bad
+        return f"{attr} of layer {layer!r} is {kind}"
+    largest = largest_weight(run.module)
+    if largest is None:
+        return "the weights are finite"
+    return (
+        f"the weights are finite, the largest |weight| is {largest[1]:.3g} in layer {largest[0]!r}"
+    )
+
+
+def _check_state(run: Run, epoch: int) -> None:
+    """Scan weights, feedback weights and rule buffers; stop or roll back on NaN/inf."""
+    bad = first_nonfinite(run.module)
+    if bad is None:
+        return
+    layer, attr, kind = bad
+    what = f"{attr} of layer {layer!r} is {kind}"
+    config = run.config
+    if config.on_divergence == "skip" and run.divergence_skips < config.max_divergence_skips:
+        raise _Rollback(f"after step {run.step}: {what}")
+    raise _diverged(run, epoch, run.step, f"{what} after this step")
+
+
+def _diverged(run: Run, epoch: int, step: int, what: str) -> RunDivergedError:
+    return RunDivergedError(
+        f"rule {run.config.rule!r} diverged at step {step} (epoch {epoch}): {what}"
+    )
+
+
+def _any_rank(run: Run, flag: bool) -> bool:
+    """``flag`` on any rank (itself in one process)."""
+    if run.world_size == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=_comm_device(run))
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def _reduce_sum(run: Run, values: list[float]) -> list[float]:
+    """Sums over ranks (the values themselves in one process)."""
+    if run.world_size == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=_comm_device(run))
+    dist.all_reduce(tensor)
+    return [float(v) for v in tensor.tolist()]
+
+
+def _comm_device(run: Run) -> torch.device:
+    return run.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def evaluate(run: Run) -> dict[str, float]:
     """Test loss and accuracy; per converted layer alignment and delta alignment.
 
     Returns ``{"test_loss", "test_accuracy", "angle_deg/<layer>", ...}`` (accuracy NaN for
-    reconstruction). The model's mode and the training random stream are left as they were.
+    reconstruction). With several processes each scores a share of the test set and the sums
+    are reduced. The model's mode and the training random stream are left as they were.
     """
-    model, was_training = run.model, run.model.training
-    loader = _in_order(run.dataset.test, EVAL_BATCH_SIZE, run.config.workers)
+    model, was_training = run.module, run.module.training
+    config = run.config
+    loader = _in_order(run.dataset.test, EVAL_BATCH_SIZE, config.workers, run.rank, run.world_size)
     loss_sum, correct, count = 0.0, 0, 0
     devices = [run.device] if run.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(run):
             for inputs, labels in loader:
                 inputs, labels = inputs.to(run.device), labels.to(run.device)
-                outputs = model(inputs)
+                outputs = model(inputs).float()
                 targets = labels if run.task == "classification" else inputs
                 loss_sum += float(run.loss_fn(outputs, targets)) * len(inputs)
                 if run.task == "classification":
@@ -509,9 +650,10 @@ def evaluate(run: Run) -> dict[str, float]:
         model.train()
         deltas = delta_alignment(model, run.loss_fn, *run.probe)
     model.train(was_training)
+    total, hits, n = _reduce_sum(run, [loss_sum, correct, count])
     metrics = {
-        "test_loss": loss_sum / count,
-        "test_accuracy": correct / count if run.task == "classification" else math.nan,
+        "test_loss": total / n,
+        "test_accuracy": hits / n if run.task == "classification" else math.nan,
     }
     angles = alignment(model)
     for layer in run.layers:
@@ -522,30 +664,100 @@ def evaluate(run: Run) -> dict[str, float]:
     return metrics
 
 
-def save_checkpoint(run: Run, path: str | os.PathLike[str]) -> None:
-    """Write model (weights, feedback, rule state), optimizer and position, atomically."""
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+def save_checkpoint(run: Run, path: str | Path) -> None:
+    """Write everything the rest of the run depends on to ``path``, atomically (rank 0 only).
+
+    Model (weights, feedback weights, rule state), optimizer, grad scaler, random states,
+    position, learning-rate scale and the ``metrics.csv`` rows so far.
+    """
+    run.saved_step = run.step
+    if not run.is_main:
+        return
+    seconds = run.seconds + time.perf_counter() - run.epoch_started if run.batch else 0.0
     state = {
         "config": run.config.to_dict(),
         "task": run.task,
         "epoch": run.epoch,
         "step": run.step,
-        "model": run.model.state_dict(),
+        "batch": run.batch,
+        "loss_sum": run.loss_sum,
+        "loss_count": run.loss_count,
+        "seconds": seconds,
+        "lr_scale": run.lr_scale,
+        "divergence_skips": run.divergence_skips,
+        "skipped_step": run.skipped_step,
+        "rows": run.rows,
+        "model": run.module.state_dict(),
         "optimizer": run.optimizer.state_dict(),
-        "torch_rng_state": torch.get_rng_state(),
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "rng": capture_rng([run.device]),
     }
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomic(state, path)
 
 
-def load_checkpoint(run: Run, path: str | os.PathLike[str]) -> None:
-    """Restore a :func:`save_checkpoint` file into a prepared run of the same config."""
-    state = torch.load(path, map_location=run.device, weights_only=False)
-    run.model.load_state_dict(state["model"])
+def load_checkpoint(run: Run, path: str | Path) -> None:
+    """Restore a :func:`save_checkpoint` file into a prepared run of the same config.
+
+    Raises:
+        asymprop.checkpoint.CheckpointError: no such file, or not a checkpoint.
+        ConfigError: the checkpoint was written by a run with other settings (names them).
+    """
+    state = read_checkpoint(path)
+    saved = config_from_dict(RunConfig, state["config"], f"{path}")
+    changed = [
+        name
+        for name in RunConfig.__dataclass_fields__
+        if name not in (*RESUMABLE, "out") and getattr(saved, name) != getattr(run.config, name)
+    ]
+    if changed:
+        raise ConfigError(
+            f"{path} was written by a run with other settings ({', '.join(changed)}); only "
+            f"{', '.join(RESUMABLE)} may change on resume"
+        )
+    run.module.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng_state"])
-    run.epoch, run.step = state["epoch"], state["step"]
+    if run.scaler is not None and state["scaler"] is not None:
+        run.scaler.load_state_dict(state["scaler"])
+    restore_rng(state["rng"])
+    run.epoch, run.step, run.batch = state["epoch"], state["step"], state["batch"]
+    run.loss_sum, run.loss_count = state["loss_sum"], state["loss_count"]
+    run.seconds, run.lr_scale = state["seconds"], state["lr_scale"]
+    run.divergence_skips, run.rows = state["divergence_skips"], list(state["rows"])
+    run.skipped_step = state["skipped_step"]
+    run.saved_step = run.step
+
+
+def resume_config(
+    directory: str | Path, changes: dict[str, Any] | None = None, source: str = "--resume"
+) -> RunConfig:
+    """The config of the run whose ``checkpoint.pt`` is in ``directory``, with ``changes``.
+
+    ``out`` becomes ``directory`` (a moved run directory still resumes).
+
+    Raises:
+        asymprop.checkpoint.CheckpointError: no readable checkpoint there.
+        ConfigError: a change to a setting not in :data:`RESUMABLE` (names it).
+    """
+    directory = Path(directory)
+    state = read_checkpoint(directory / CHECKPOINT)
+    saved = dict(state["config"])
+    changes = dict(changes or {})
+    for key, value in changes.items():
+        if key not in RESUMABLE and key in saved and saved[key] != value:
+            raise ConfigError(
+                f"{source}: {key} cannot change when resuming (the run used {saved[key]!r}); "
+                f"settings that may change: {', '.join(RESUMABLE)}"
+            )
+    config: RunConfig = config_from_dict(
+        RunConfig, {**saved, **changes, "out": str(directory)}, source
+    )
+    return config
+
+
+# --- one run ------------------------------------------------------------------------------------
 
 
 def train(
@@ -556,61 +768,120 @@ def train(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     run: Run | None = None,
     plots: bool = True,
+    stop: StopSignals | None = None,
+    dist_info: DistInfo | None = None,
 ) -> list[dict[str, Any]]:
-    """Train one run and write its directory; returns the ``metrics.csv`` rows.
+    """Train one run (or the rest of a resumed one) and write its directory; returns the
+    ``metrics.csv`` rows.
 
-    Writes ``config.yaml`` first, then after every epoch a ``metrics.csv`` row (see
-    ``asymprop.records``) and ``checkpoint.pt``, and at the end the plots of
-    ``asymprop.plotting``. A ``metrics.csv`` left by an earlier run in the same directory is
-    replaced.
+    Writes ``config.yaml`` first, then after every epoch ``checkpoint.pt`` and a
+    ``metrics.csv`` row (see ``asymprop.records``), and at the end the plots of
+    ``asymprop.plotting``. A run given with a loaded checkpoint (:func:`load_checkpoint`)
+    continues where it stopped, and its ``metrics.csv`` is rewritten from the checkpoint's rows;
+    otherwise files of an earlier run in the same directory are replaced.
 
     Args:
         config: the run; checked by :func:`prepare` unless ``run`` is given (already prepared).
         cache: datasets shared between runs.
         progress: gets one ``update`` per training step.
-        on_epoch: called with each row as it is written.
+        on_epoch: called with each row as it is written (rank 0 only).
         run: ``config`` already prepared by :func:`prepare` (else prepared here).
         plots: draw the run's figures at the end.
+        stop: a :class:`~asymprop.guard.StopSignals` whose signals end the run after a step.
+        dist_info: for :func:`prepare` when ``run`` is not given.
 
     Raises:
-        asymprop.DivergenceError: the loss became NaN or infinite; the rows and the checkpoint
-            of the last finished epoch are on disk.
+        RunDivergedError: a NaN or inf in the loss, a weight or a feedback weight; the rows
+            and the checkpoint of the last good state are on disk.
+        Interrupted: ``stop`` caught a signal; the checkpoint holds the last step.
     """
-    from .plotting import plot_run  # matplotlib only when a run finishes
-
-    run = run if run is not None else prepare(config, cache)
+    run = run if run is not None else prepare(config, cache, dist_info)
     config = run.config
     out = config.run_dir
-    out.mkdir(parents=True, exist_ok=True)
-    write_yaml(out / "config.yaml", config.to_dict())
-    metrics_path = out / "metrics.csv"
-    metrics_path.unlink(missing_ok=True)
-    writer = _tensorboard(out) if config.tensorboard else None
+    path = out / CHECKPOINT
     columns = [*METRIC_COLUMNS, *layer_columns(run.layers)]
+    writer = None
+    if run.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale(out)
+        write_yaml(out / "config.yaml", config.to_dict())
+        _rewrite_metrics(run, columns)
+        writer = _tensorboard(out) if config.tensorboard else None
 
-    rows: list[dict[str, Any]] = []
-    for epoch in range(0, config.epochs + 1):
-        start = time.perf_counter()
-        with _torch_threads(config.threads):
-            train_loss = train_epoch(run, epoch, progress) if epoch > 0 else math.nan
-            row = {"epoch": epoch, "step": run.step, "train_loss": train_loss, **evaluate(run)}
-        row["seconds"] = time.perf_counter() - start
+    def record(row: dict[str, Any]) -> None:
         row = {key: row[key] for key in columns}
-        append_row(metrics_path, row)
-        save_checkpoint(run, out / CHECKPOINT)
+        run.rows.append(row)
+        save_checkpoint(run, path)  # first the checkpoint: it holds the row too
+        if not run.is_main:
+            return
+        append_row(out / "metrics.csv", row)
         if writer is not None:
             for key, value in row.items():
                 if key not in ("epoch", "step") and math.isfinite(value):
-                    writer.add_scalar(key, value, epoch)
+                    writer.add_scalar(key, value, row["epoch"])
             writer.flush()
-        rows.append(row)
         if on_epoch is not None:
             on_epoch(row)
+
+    with _torch_threads(config.threads):
+        if not run.rows:  # epoch 0: the untouched model
+            run.epoch_started = time.perf_counter()
+            row = {"epoch": 0, "step": 0, "train_loss": math.nan, **evaluate(run)}
+            record({**row, "seconds": time.perf_counter() - run.epoch_started})
+        while run.epoch < config.epochs:
+            try:
+                _epochs(run, progress, stop, record)
+            except _Rollback as rollback:
+                _roll_back(run, path, str(rollback))
+                if run.is_main:
+                    _rewrite_metrics(run, columns)
     if writer is not None:
         writer.close()
-    if plots:
-        plot_run(rows, out, title=config.rule)
-    return rows
+    if plots and run.is_main:
+        from .plotting import plot_run  # matplotlib only when a run finishes
+
+        plot_run(run.rows, out, title=config.rule)
+    return run.rows
+
+
+def _epochs(
+    run: Run,
+    progress: Progress | None,
+    stop: StopSignals | None,
+    record: Callable[[dict[str, Any]], None],
+) -> None:
+    while run.epoch < run.config.epochs:
+        epoch = run.epoch + 1
+        run.epoch_started = time.perf_counter()
+        train_loss = train_epoch(run, epoch, progress, stop, checkpoints=True)
+        row = {"epoch": epoch, "step": run.step, "train_loss": train_loss, **evaluate(run)}
+        _check_state(run, epoch)
+        row["seconds"] = run.seconds + time.perf_counter() - run.epoch_started
+        run.epoch, run.batch, run.loss_sum, run.loss_count, run.seconds = epoch, 0, 0.0, 0, 0.0
+        record(row)
+        if stop is not None and _any_rank(run, stop.requested):
+            assert stop.signum is not None
+            raise Interrupted(stop.name, stop.signum, epoch, run.step)
+
+
+def _roll_back(run: Run, path: Path, what: str) -> None:
+    """``on_divergence: skip`` after a non-finite weight: the last checkpoint, a lower lr."""
+    if not path.exists():
+        raise _diverged(run, run.epoch + 1, run.step, f"{what}; no checkpoint to go back to")
+    scale, skips = run.lr_scale, run.divergence_skips
+    if run.world_size > 1:
+        dist.barrier()  # rank 0 finished writing before anyone reads
+    load_checkpoint(run, path)
+    run.lr_scale, run.divergence_skips = scale, skips
+    _back_off(run, f"{what}; back to the checkpoint of step {run.step}")
+
+
+def _rewrite_metrics(run: Run, columns: list[str]) -> None:
+    path = run.config.run_dir / "metrics.csv"
+    if run.rows:
+        write_csv(path, run.rows, columns)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
