@@ -1,0 +1,916 @@
+"""The papers' claims, re-measured: one named experiment per claim, its table and its figure.
+
+    python -m asymprop.reproduce                      # every item, as in docs/REPRODUCTION.md
+    python -m asymprop.reproduce --quick              # a reduced version of every item
+    python -m asymprop.reproduce --only liao-digits   # one item
+
+Each item reads ``experiments/<item>.yaml`` (its ``quick:`` section overrides the rest under
+``--quick``), trains its runs one after another on one thread each, and writes to
+``<out>/<item>/``: ``results.csv`` (one row per run), ``table.md`` (the report's table, mean ± s.e.
+over seeds) and its figures (PNG, also copied to ``docs/figures/`` for a full run).
+
+| item | paper | what |
+| --- | --- | --- |
+| ``akrout-fashion-mnist`` | 001 panels a-f | test error and B/delta angles of BP, FA, SS, WM, KP |
+| ``liao-digits`` | 002 Tables 2-5, C2 | sign-concordant, random feedback, BN, BM, clamped layers |
+| ``lansdell-mlp`` | 004 Fig. 2, 4 | NP vs FA vs BP in a 784-50-20-10 sigmoid MSE net; fixed W |
+| ``lansdell-autoencoder`` | 004 Table 2a, Fig. 3 | the 784-200-2-200-784 autoencoder |
+| ``feedback-convergence`` | 003 eq. 14, 000 eq. 21 | KP's B - W decay, WM's mirror mode: theory |
+
+Classification items use the ordinary run loop (:func:`asymprop.experiment.train`); the
+Lansdell items need an MSE loss on one-hot targets, activation or input noise and per-step
+metrics, so they run :func:`asymprop.train_step` in a loop here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .convert import convert, feedback_layers
+from .data import load_dataset
+from .experiment import DataCache, RunConfig, prepare, train
+from .metrics import alignment, delta_alignment
+from .mirror import mirror
+from .models import build_model
+from .optim import make_optimizer
+from .records import mean_se, read_yaml
+from .train import DivergenceError, train_step
+
+__all__ = [
+    "ITEMS",
+    "ItemResult",
+    "item_config",
+    "liao_entry",
+    "main",
+    "run_item",
+]
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPERIMENTS = ROOT / "experiments"
+FIGURES = ROOT / "docs" / "figures"
+DPI = 100
+
+
+@dataclass
+class ItemResult:
+    """What an item produced: its table (markdown), figures, rows and wall time."""
+
+    name: str
+    table: str
+    figures: list[Path]
+    rows: list[dict[str, Any]]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def item_config(name: str, quick: bool = False) -> dict[str, Any]:
+    """``experiments/<name>.yaml``, with its ``quick:`` section merged over it when ``quick``."""
+    path = EXPERIMENTS / f"{name}.yaml"
+    config = read_yaml(path)
+    overrides = config.pop("quick", {}) or {}
+    if quick:
+        config.update(overrides)
+    return config
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _fmt(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
+    mean, se, _ = mean_se(values)
+    if not math.isfinite(mean):
+        return "-"
+    text = f"{mean * scale:.{digits}f}"
+    return text if not math.isfinite(se) else f"{text} ± {se * scale:.{digits}f}"
+
+
+def _write_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in columns})
+
+
+def _figure(rows: int, cols: int, width: float = 3.2, height: float = 2.6) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    return fig, axes
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _classification_run(
+    settings: Mapping[str, Any],
+    out: Path,
+    cache: DataCache,
+    freeze: str | None = None,
+) -> list[dict[str, Any]]:
+    """One :func:`asymprop.experiment.train` run; ``freeze`` clamps layers (Liao's C2).
+
+    ``freeze="bottom"``: the last layer keeps its random initial weights and only the layers
+    below learn; ``"top"``: only the last layer learns. Clamped parameters are taken out of the
+    optimizer, so they never move, while errors still flow through them.
+    """
+    config = RunConfig(**{**settings, "out": str(out)})
+    run = prepare(config, cache)
+    if freeze is not None:
+        last = {id(p) for p in feedback_layers(run.module)[-1][1].parameters()}
+        everything = {id(p) for p in run.module.parameters()}
+        if freeze == "bottom":
+            frozen = last
+        elif freeze == "top":
+            frozen = everything - last
+        else:
+            raise ValueError(f"freeze must be 'bottom' or 'top', not {freeze!r}")
+        for group in run.optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in frozen]
+    return train(config, run=run, plots=False)
+
+
+def _final(rows: Sequence[Mapping[str, Any]], prefix: str) -> float:
+    """Mean over layers of a per-layer metric in the last row (NaNs skipped)."""
+    values = [v for k, v in rows[-1].items() if k.startswith(prefix) and math.isfinite(v)]
+    return float(np.mean(values)) if values else math.nan
+
+
+# --- item 1 and 2: Akrout et al. ------------------------------------------------------------------
+
+AKROUT_LABELS = {"bp": "BP", "fa": "FA", "usf": "SS", "wm": "WM", "kp": "KP"}
+
+
+def akrout(name: str, config: dict[str, Any], out: Path) -> ItemResult:
+    """Test error of BP, FA, SS (uSF + BN), WM and KP, and their B and delta angles per epoch.
+
+    Paper: 001 panels a-f (ImageNet ResNet-18/50); here a batch-norm network on Fashion-MNIST.
+    """
+    started = time.perf_counter()
+    cache: DataCache = {}
+    rows, curves = [], {}
+    for rule in config["rules"]:
+        for seed in config["seeds"]:
+            settings = {**config["run"], "rule": rule, "seed": seed}
+            settings["rule_options"] = config.get("rule_options", {}).get(rule, {})
+            run_rows = _classification_run(settings, out / "runs" / f"{rule}-seed{seed}", cache)
+            curves[(rule, seed)] = run_rows
+            last = run_rows[-1]
+            rows.append(
+                {
+                    "rule": rule,
+                    "seed": seed,
+                    "test_error": 1 - last["test_accuracy"],
+                    "angle_deg": _final(run_rows, "angle_deg/"),
+                    "delta_angle_deg": _final(run_rows, "delta_angle_deg/"),
+                    "seconds": sum(r["seconds"] for r in run_rows),
+                }
+            )
+            log.info("%s %s seed %d: %s", name, rule, seed, rows[-1])
+    lines = [
+        "| rule | test error (%) | angle B,W (deg) | delta angle (deg) | seconds/run |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for rule in config["rules"]:
+        mine = [r for r in rows if r["rule"] == rule]
+        lines.append(
+            f"| {AKROUT_LABELS.get(rule, rule)} | {_fmt([r['test_error'] for r in mine], 100)} "
+            f"| {_fmt([r['angle_deg'] for r in mine])} "
+            f"| {_fmt([r['delta_angle_deg'] for r in mine])} "
+            f"| {_fmt([r['seconds'] for r in mine], 1, 0)} |"
+        )
+    figures = [
+        _akrout_error_figure(config, curves, out / f"{name}-error.png"),
+        _akrout_angle_figure(config, curves, out / f"{name}-angles.png"),
+    ]
+    return ItemResult(name, "\n".join(lines), figures, rows, time.perf_counter() - started)
+
+
+def _akrout_error_figure(config: dict[str, Any], curves: dict[Any, Any], path: Path) -> Path:
+    fig, axes = _figure(1, 1, 4.2, 3.0)
+    ax = axes[0][0]
+    for rule in config["rules"]:
+        runs = [curves[(rule, s)] for s in config["seeds"]]
+        epochs = [r["epoch"] for r in runs[0]]
+        err = np.array([[100 * (1 - r["test_accuracy"]) for r in run] for run in runs])
+        ax.plot(epochs, err.mean(0), label=AKROUT_LABELS.get(rule, rule))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test error (%)")
+    ax.set_ylim(top=min(60.0, ax.get_ylim()[1]))
+    ax.legend(fontsize=8)
+    ax.set_title("Fashion-MNIST, mean over seeds", fontsize=9)
+    return _save(fig, path)
+
+
+def _akrout_angle_figure(config: dict[str, Any], curves: dict[Any, Any], path: Path) -> Path:
+    rules = [r for r in config["rules"] if r != "bp"]
+    fig, axes = _figure(2, len(rules), 2.6, 2.3)
+    for col, rule in enumerate(rules):
+        run = curves[(rule, config["seeds"][0])]
+        epochs = [r["epoch"] for r in run]
+        for row, (prefix, label) in enumerate(
+            [("angle_deg/", "angle B, W (deg)"), ("delta_angle_deg/", "delta angle (deg)")]
+        ):
+            ax = axes[row][col]
+            layers = [k for k in run[0] if k.startswith(prefix)]
+            for i, key in enumerate(layers):
+                ax.plot(epochs, [r[key] for r in run], label=f"layer {i + 1}")
+            ax.set_ylim(0, 95)
+            ax.set_xlabel("epoch")
+            if col == 0:
+                ax.set_ylabel(label)
+            if row == 0:
+                ax.set_title(AKROUT_LABELS.get(rule, rule))
+    axes[0][0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+# --- item 3: Liao et al. -----------------------------------------------------------------------
+
+_LIAO_RULES = {"usf": "usf", "nusf": "nusf", "brsf": "brsf", "frsf": "frsf", "rndf": "rndf"}
+
+
+def liao_entry(entry: str) -> dict[str, Any]:
+    """The run settings of one of Liao et al.'s table entries, from its name.
+
+    ``"uSF+BN+BM"`` is sign-concordant feedback with batch norm and Batch Manhattan (setting 1);
+    ``BM2``/``BM3`` pick the other settings; ``brSF@25`` flips 25% of the signs (Table 3, 25%
+    discordant); a trailing ``" Bottom"`` or ``" Top"`` clamps layers (Experiment C2). Batch
+    norm has no learnable scale/shift except in the plain ``BN`` and ``BN+BM`` entries (002
+    sec. 4).
+
+    Example:
+        >>> liao_entry("brSF@25+BN+BM")["rule_options"]
+        {'flip': 0.25}
+    """
+    name, _, freeze = entry.partition(" ")
+    rule, rule_options, batchnorm, optimizer = "bp", {}, False, "sgd"
+    for token in name.split("+"):
+        key = token.lower()
+        if key == "bn":
+            batchnorm = True
+        elif key in ("bm", "bm1", "bm2", "bm3"):
+            optimizer = "bm1" if key == "bm" else key
+        elif key == "sgd":
+            continue
+        else:
+            base, _, percent = key.partition("@")
+            if base not in _LIAO_RULES:
+                raise ValueError(f"unknown token {token!r} in Liao entry {entry!r}")
+            rule = _LIAO_RULES[base]
+            if percent:
+                rule_options["flip"] = int(percent) / 100
+    return {
+        "rule": rule,
+        "rule_options": rule_options,
+        "batchnorm": batchnorm,
+        "bn_affine": batchnorm and rule == "bp",
+        "optimizer": optimizer,
+        "freeze": freeze.lower() or None,
+    }
+
+
+def liao(name: str, config: dict[str, Any], out: Path) -> ItemResult:
+    """Liao et al.'s tables on a small dataset; each entry is the best of several learning rates.
+
+    Paper: 002 Tables 2-5 and Experiment C2 (error rates, best of several learning rates).
+    """
+    started = time.perf_counter()
+    cache: DataCache = {}
+    entries: list[str] = []
+    for names in config["tables"].values():
+        entries += [e for e in names if e not in entries]
+    rows = []
+    for entry in entries:
+        spec = liao_entry(entry)
+        family = "bm" if spec["optimizer"].startswith("bm") else "sgd"
+        for lr in config["lrs"][family]:
+            for seed in config["seeds"]:
+                settings = {
+                    **config["run"],
+                    "rule": spec["rule"],
+                    "rule_options": spec["rule_options"],
+                    "optimizer": spec["optimizer"],
+                    "lr": lr,
+                    "seed": seed,
+                }
+                settings["model_options"] = {
+                    **settings.get("model_options", {}),
+                    "batchnorm": spec["batchnorm"],
+                    "bn_affine": spec["bn_affine"],
+                }
+                slug = entry.replace(" ", "-").replace("+", "_").replace("@", "p")
+                try:
+                    run_rows = _classification_run(
+                        settings, out / "runs" / f"{slug}-lr{lr}-seed{seed}", cache, spec["freeze"]
+                    )
+                    error = 1 - run_rows[-1]["test_accuracy"]
+                    if not math.isfinite(error):
+                        error = 0.9
+                except DivergenceError:
+                    error = math.nan
+                rows.append({"entry": entry, "lr": lr, "seed": seed, "test_error": error})
+                log.info("%s %s lr %g seed %d: error %.4f", name, entry, lr, seed, error)
+    best: dict[str, tuple[float, list[float]]] = {}
+    for entry in entries:
+        options = []
+        for lr in sorted({r["lr"] for r in rows if r["entry"] == entry}):
+            errors = [r["test_error"] for r in rows if r["entry"] == entry and r["lr"] == lr]
+            errors = [e if math.isfinite(e) else 0.9 for e in errors]  # diverged: chance
+            options.append((float(np.mean(errors)), lr, errors))
+        _, lr, errors = min(options)
+        best[entry] = (lr, errors)
+    tables = []
+    for title, names in config["tables"].items():
+        lines = [f"**{title}**", "", "| entry | test error (%) | best lr |", "| --- | --- | --- |"]
+        lines += [f"| {e} | {_fmt(best[e][1], 100, 2)} | {best[e][0]:g} |" for e in names]
+        tables.append("\n".join(lines))
+    figures = [_liao_figure(config, best, out / f"{name}.png")]
+    return ItemResult(name, "\n\n".join(tables), figures, rows, time.perf_counter() - started)
+
+
+def _liao_figure(
+    config: dict[str, Any], best: dict[str, tuple[float, list[float]]], path: Path
+) -> Path:
+    tables = list(config["tables"].items())
+    fig, axes = _figure(1, len(tables), 3.0, 3.2)
+    for ax, (title, names) in zip(axes[0], tables, strict=True):
+        means = [100 * float(np.mean(best[e][1])) for e in names]
+        ses = [100 * mean_se(best[e][1])[1] for e in names]
+        ses = [s if math.isfinite(s) else 0.0 for s in ses]
+        ax.barh(range(len(names)), means, xerr=ses, color="tab:blue")
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("test error (%)", fontsize=8)
+        ax.set_title(title, fontsize=8)
+    return _save(fig, path)
+
+
+# --- item 4: Lansdell et al. Figure 2 and 4 ------------------------------------------------------
+
+
+def _mse_onehot(outputs: Tensor, labels: Tensor) -> Tensor:
+    """Lansdell's MSE loss on one-hot targets, summed over outputs, mean over examples."""
+    target = F.one_hot(labels, outputs.shape[1]).to(outputs.dtype)
+    return ((outputs - target) ** 2).sum(dim=1).mean()
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, n - batch_size + 1, batch_size):
+        yield order[start : start + batch_size]
+
+
+def _layer_metrics(model: nn.Module, loss_fn: Any, x: Tensor, y: Tensor) -> dict[str, float]:
+    """Per converted layer but the first: rel. error, sign concordance, delta angle."""
+    names = [name for name, _ in feedback_layers(model)][1:]  # the first layer's B is never used
+    stats = alignment(model)
+    deltas = delta_alignment(model, loss_fn, x, y)
+    row = {}
+    for i, name in enumerate(names):
+        row[f"rel_error/{i + 2}"] = stats[name]["rel_error"]
+        row[f"sign_concordance/{i + 2}"] = stats[name]["sign_concordance"]
+        row[f"delta_angle_deg/{i + 2}"] = deltas[name]
+    return row
+
+
+def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(x).argmax(1) == y).float().mean())
+    model.train()
+    return acc
+
+
+def lansdell_mlp(name: str, config: dict[str, Any], out: Path) -> ItemResult:
+    """NP at several noise levels vs FA and BP: B vs W and delta angles over training (Fig. 2),
+    and NP's ridge fit of B for fixed W (App. B, Fig. 4).
+
+    Paper: 004 sec. 4.1, Fig. 2, App. B and C.1/C.3.
+    """
+    started = time.perf_counter()
+    data = load_dataset(config["data"], train_size=config["train_size"])
+    x_train, y_train = data.train.tensors  # type: ignore[attr-defined]
+    x_test, y_test = data.test.tensors  # type: ignore[attr-defined]
+    probe = (x_test[:256], y_test[:256])
+    rows: list[dict[str, Any]] = []
+    curves: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    with _threads(1):
+        for label, spec in config["methods"].items():
+            for seed in config["seeds"]:
+                curve = _lansdell_train(config, spec, seed, x_train, y_train, probe)
+                curves[(label, seed)] = curve
+                acc = _accuracy(curve[-1].pop("model"), x_test, y_test)
+                rows.append(
+                    {
+                        "part": "train",
+                        "method": label,
+                        "seed": seed,
+                        "test_error": 1 - acc,
+                        **curve[-1],
+                    }
+                )
+                log.info("%s %s seed %d: %s", name, label, seed, rows[-1])
+        fixed: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for label, noise in config["fixed_w"]["noise"].items():
+            for seed in config["seeds"]:
+                fixed[(label, seed)] = _lansdell_fixed(config, noise, seed, x_train, y_train, probe)
+                rows.append(
+                    {"part": "fixed_w", "method": label, "seed": seed, **fixed[(label, seed)][-1]}
+                )
+    lines = [
+        "| method | test error (%) | rel. error B,W (layer 2 / 3) | sign concordance (2 / 3) "
+        "| delta angle (deg, 2 / 3) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for label in config["methods"]:
+        mine = [r for r in rows if r["part"] == "train" and r["method"] == label]
+        lines.append(
+            f"| {label} | {_fmt([r['test_error'] for r in mine], 100)} | "
+            + " | ".join(
+                _pair(mine, m) for m in ("rel_error", "sign_concordance", "delta_angle_deg")
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        f"Fixed W (ridge fit of B, gamma 0.1), after {config['fixed_w']['steps']} steps:",
+        "",
+        "| noise c_h | rel. error (2 / 3) | sign concordance (2 / 3) | delta angle (deg, 2 / 3) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for label in config["fixed_w"]["noise"]:
+        mine = [r for r in rows if r["part"] == "fixed_w" and r["method"] == label]
+        lines.append(
+            f"| {label} | "
+            + " | ".join(
+                _pair(mine, m) for m in ("rel_error", "sign_concordance", "delta_angle_deg")
+            )
+            + " |"
+        )
+    figures = [
+        _lansdell_figure(curves, config["seeds"], list(config["methods"]), out / f"{name}.png"),
+        _lansdell_figure(
+            fixed, config["seeds"], list(config["fixed_w"]["noise"]), out / f"{name}-fixed-w.png"
+        ),
+    ]
+    return ItemResult(name, "\n".join(lines), figures, rows, time.perf_counter() - started)
+
+
+def _pair(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
+    digits = 1 if metric == "delta_angle_deg" else 2
+    return " / ".join(_fmt([r[f"{metric}/{i}"] for r in rows], 1, digits) for i in (2, 3))
+
+
+@dataclass
+class _threads:  # noqa: N801 (a context manager used like a function)
+    n: int
+
+    def __enter__(self) -> None:
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.before)
+
+
+def _lansdell_train(
+    config: dict[str, Any],
+    spec: Mapping[str, Any],
+    seed: int,
+    x: Tensor,
+    y: Tensor,
+    probe: tuple[Tensor, Tensor],
+) -> list[dict[str, Any]]:
+    torch.manual_seed(seed)
+    model = build_model("lansdell-mlp", tuple(x.shape[1:]), 10)
+    model = convert(model, spec["rule"], seed=seed, **spec.get("options", {}))
+    optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"])
+    generator = torch.Generator().manual_seed(seed)
+    curve: list[dict[str, Any]] = []
+    step = 0
+    for _ in range(config["epochs"]):
+        for idx in _batches(len(x), config["batch_size"], generator):
+            if step % config["log_every"] == 0:
+                curve.append({"step": step, **_layer_metrics(model, _mse_onehot, *probe)})
+            train_step(model, optimizer, _mse_onehot, x[idx], y[idx])
+            step += 1
+    curve.append({"step": step, **_layer_metrics(model, _mse_onehot, *probe), "model": model})
+    return curve
+
+
+def _lansdell_fixed(
+    config: dict[str, Any],
+    noise: float,
+    seed: int,
+    x: Tensor,
+    y: Tensor,
+    probe: tuple[Tensor, Tensor],
+) -> list[dict[str, Any]]:
+    """W fixed (random initialisation), B fitted by NP with online ridge regression."""
+    settings = config["fixed_w"]
+    torch.manual_seed(seed)
+    model = build_model("lansdell-mlp", tuple(x.shape[1:]), 10)
+    steps = settings["steps"]
+    model = convert(
+        model,
+        "np",
+        seed=seed,
+        fit="ridge",
+        gamma=settings["gamma"],
+        noise_std=noise,
+        warmup_steps=steps + 1,
+    )  # warm-up: only B learns
+    optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"])
+    generator = torch.Generator().manual_seed(seed)
+    curve, step = [], 0
+    while step < steps:
+        for idx in _batches(len(x), config["batch_size"], generator):
+            if step % settings["log_every"] == 0:
+                curve.append({"step": step, **_layer_metrics(model, _mse_onehot, *probe)})
+            train_step(model, optimizer, _mse_onehot, x[idx], y[idx])
+            step += 1
+            if step >= steps:
+                break
+    curve.append({"step": step, **_layer_metrics(model, _mse_onehot, *probe)})
+    return curve
+
+
+def _lansdell_figure(
+    curves: dict[tuple[str, int], list[dict[str, Any]]],
+    seeds: Sequence[int],
+    labels: Sequence[str],
+    path: Path,
+) -> Path:
+    metrics = [
+        ("rel_error", "||W - B|| / ||W||"),
+        ("delta_angle_deg", "delta angle (deg)"),
+        ("sign_concordance", "sign concordance"),
+    ]
+    fig, axes = _figure(2, 3, 2.8, 2.2)
+    for row, layer in enumerate((2, 3)):
+        for col, (metric, ylabel) in enumerate(metrics):
+            ax = axes[row][col]
+            for label in labels:
+                runs = [curves[(label, s)] for s in seeds]
+                steps = [r["step"] for r in runs[0]]
+                values = np.array([[r[f"{metric}/{layer}"] for r in run] for run in runs])
+                ax.plot(steps, values.mean(0), label=label)
+            ax.set_title(f"layer {layer}: {ylabel}", fontsize=8)
+            ax.set_xlabel("step", fontsize=8)
+    axes[0][0].legend(fontsize=6)
+    return _save(fig, path)
+
+
+# --- item 5: Lansdell et al. autoencoder ---------------------------------------------------------
+
+
+def _sum_mse(outputs: Tensor, inputs: Tensor) -> Tensor:
+    """Squared error summed over the 784 pixels, mean over examples (the paper's loss scale)."""
+    return ((outputs - inputs.reshape(outputs.shape)) ** 2).sum(dim=1).mean()
+
+
+class _ActivationNoise:
+    """Adds ``N(0, std^2)`` to the output of every hidden activation while training."""
+
+    def __init__(self, model: nn.Module, std: float) -> None:
+        self.std = std
+        hidden = [m for m in model if isinstance(m, nn.Tanh | nn.Identity)]  # type: ignore[attr-defined]
+        self.handles = [m.register_forward_hook(self._hook) for m in hidden]
+
+    def _hook(self, module: nn.Module, args: Any, output: Tensor) -> Tensor | None:
+        if module.training and self.std > 0:
+            return output + self.std * torch.randn_like(output)
+        return None
+
+
+def lansdell_autoencoder(name: str, config: dict[str, Any], out: Path) -> ItemResult:
+    """The 784-200-2-200-784 autoencoder trained by BP (SGD, Adam), FA, DAE, NP, SG, matched.
+
+    Paper: 004 sec. 4.2, Table 2a, Fig. 3, App. C.2.
+    """
+    started = time.perf_counter()
+    data = load_dataset(config["data"], train_size=config["train_size"], normalize=False)
+    x_train, _ = data.train.tensors  # type: ignore[attr-defined]
+    x_test, y_test = data.test.tensors  # type: ignore[attr-defined]
+    x_test, y_test = x_test[: config["test_size"]], y_test[: config["test_size"]]
+    rows: list[dict[str, Any]] = []
+    models: dict[str, nn.Module] = {}
+    with _threads(1):
+        for label, spec in config["methods"].items():
+            for seed in config["seeds"]:
+                model, train_loss = _ae_train(config, spec, seed, x_train)
+                model.eval()
+                with torch.no_grad():
+                    test_loss = float(_sum_mse(model(x_test), x_test))
+                rows.append(
+                    {
+                        "method": label,
+                        "seed": seed,
+                        "train_loss": train_loss,
+                        "test_loss": test_loss,
+                    }
+                )
+                models.setdefault(label, model)
+                log.info("%s %s seed %d: %s", name, label, seed, rows[-1])
+    lines = [
+        "| method | test loss (sum of squares per image) | train loss |",
+        "| --- | --- | --- |",
+    ]
+    for label in config["methods"]:
+        mine = [r for r in rows if r["method"] == label]
+        lines.append(
+            f"| {label} | {_fmt([r['test_loss'] for r in mine])} "
+            f"| {_fmt([r['train_loss'] for r in mine])} |"
+        )
+    figures = [_ae_figure(models, x_test, y_test, out / f"{name}.png")]
+    return ItemResult(name, "\n".join(lines), figures, rows, time.perf_counter() - started)
+
+
+def _ae_train(
+    config: dict[str, Any], spec: Mapping[str, Any], seed: int, x: Tensor
+) -> tuple[nn.Module, float]:
+    torch.manual_seed(seed)
+    model = build_model("autoencoder", tuple(x.shape[1:]), 10)
+    model = convert(model, spec["rule"], seed=seed, **spec.get("options", {}))
+    noise = _ActivationNoise(model, spec.get("activation_noise", 0.0))
+    optimizer = make_optimizer(
+        spec.get("optimizer", "sgd"),
+        model.parameters(),
+        spec["lr"],
+        momentum=spec.get("momentum", 0.0),
+    )
+    generator = torch.Generator().manual_seed(seed)
+    input_noise = spec.get("input_noise", 0.0)
+    losses: list[float] = []
+    for _ in range(config["epochs"]):
+        losses = []
+        for idx in _batches(len(x), config["batch_size"], generator):
+            batch = x[idx]
+            clean = batch.flatten(1)
+            noisy = batch + input_noise * torch.randn_like(batch) if input_noise else batch
+            try:
+                losses.append(train_step(model, optimizer, _sum_mse, noisy, clean))
+            except DivergenceError:
+                return model, math.nan
+    for handle in noise.handles:
+        handle.remove()
+    return model, float(np.mean(losses))
+
+
+def _ae_figure(models: dict[str, nn.Module], x: Tensor, y: Tensor, path: Path) -> Path:
+    labels = list(models)
+    fig, axes = _figure(2, len(labels), 1.9, 1.9)
+    shown = x[:6]
+    for col, label in enumerate(labels):
+        model = models[label]
+        encoder = model[:5]  # type: ignore[index]  # Flatten, Linear, Tanh, Linear, Identity
+        with torch.no_grad():
+            z = encoder(x).numpy()
+            recon = model(shown).reshape(-1, 28, 28).numpy()
+        ax = axes[0][col]
+        ax.scatter(z[:, 0], z[:, 1], c=y.numpy(), cmap="tab10", s=1)
+        ax.set_title(label, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        grid = np.concatenate(
+            [np.concatenate([shown[i, 0].numpy(), recon[i]], axis=1) for i in range(len(shown))]
+        )
+        axes[1][col].imshow(grid, cmap="gray", vmin=0, vmax=1)
+        axes[1][col].axis("off")
+    return _save(fig, path)
+
+
+# --- item 6: convergence of KP and WM ------------------------------------------------------------
+
+
+def feedback_convergence(name: str, config: dict[str, Any], out: Path) -> ItemResult:
+    """KP: ``W - B`` shrinks as ``(1 - eta lambda)^t`` (003 eq. 14) under plain SGD; WM: mirror
+    mode moves B towards ``k W`` as ``E[B_t] = (1 - lambda)^t B_0 + (1 - (1 - lambda)^t) k W``
+    (000 eq. 21), up to the noise of finite mirror batches.
+
+    Paper: 003 eq. (12)-(18); 000 App. A eq. (21)-(22), Alg. 1.
+    """
+    started = time.perf_counter()
+    data = load_dataset(config["data"])
+    x, y = data.train.tensors  # type: ignore[attr-defined]
+    rows: list[dict[str, Any]] = []
+    kp_curves, wm_curves = {}, {}
+    with _threads(1):
+        for wd in config["kp"]["weight_decay"]:
+            kp_curves[wd] = _kp_curve(config, wd, x, y)
+            rows.append({"rule": "kp", "setting": f"lambda={wd}", **kp_curves[wd][-1]})
+        for setting in config["wm"]["settings"]:
+            key = f"eta_b={setting['eta_b']}, lambda={setting['decay']}"
+            wm_curves[key] = _wm_curve(config, setting, x)
+            rows.append({"rule": "wm", "setting": key, **wm_curves[key][-1]})
+    lines = [
+        "| rule | setting | steps | measured (last layer) | theory |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        what = "||W-B|| / ||W0-B0||" if row["rule"] == "kp" else "angle B, W (deg)"
+        lines.append(
+            f"| {row['rule'].upper()} | {row['setting']} | {row['step']} | "
+            f"{what} = {row['measured']:.4g} | {row['theory']:.4g} |"
+        )
+    figures = [_convergence_figure(config, kp_curves, wm_curves, out / f"{name}.png")]
+    return ItemResult(name, "\n".join(lines), figures, rows, time.perf_counter() - started)
+
+
+def _kp_curve(config: dict[str, Any], wd: float, x: Tensor, y: Tensor) -> list[dict[str, Any]]:
+    settings = config["kp"]
+    torch.manual_seed(0)
+    model = convert(
+        build_model("mlp", tuple(x.shape[1:]), 10, widths=settings["widths"]), "kp", seed=0
+    )
+    lr = settings["lr"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd)
+    layer = feedback_layers(model)[-1][1]
+    gap0 = float((layer.weight - layer.feedback_weight).detach().norm())
+    generator = torch.Generator().manual_seed(0)
+    curve, step = [], 0
+    while step <= settings["steps"]:
+        for idx in _batches(len(x), settings["batch_size"], generator):
+            if step % settings["log_every"] == 0:
+                gap = float((layer.weight - layer.feedback_weight).detach().norm())
+                curve.append(
+                    {
+                        "step": step,
+                        "measured": gap / gap0,
+                        "theory": (1 - lr * wd) ** step,
+                        "angle_deg": alignment(model)[feedback_layers(model)[-1][0]]["angle_deg"],
+                    }
+                )
+            train_step(model, optimizer, F.cross_entropy, x[idx], y[idx])
+            step += 1
+            if step > settings["steps"]:
+                break
+    return curve
+
+
+def _wm_curve(
+    config: dict[str, Any], setting: Mapping[str, Any], x: Tensor
+) -> list[dict[str, Any]]:
+    settings = config["wm"]
+    torch.manual_seed(0)
+    model = build_model("mlp", tuple(x.shape[1:]), 10, widths=settings["widths"])
+    model = convert(
+        model,
+        "wm",
+        seed=0,
+        warmup_steps=0,
+        mirror_batch=settings["mirror_batch"],
+        eta_b=setting["eta_b"],
+        decay=setting["decay"],
+    )
+    name, layer = feedback_layers(model)[-1]
+    mirror(model, 0, example_input=x[:8])
+    w = layer.weight.detach().clone()
+    b0 = layer.feedback_weight.detach().clone()
+    decay = setting["decay"]
+    k = setting["eta_b"] * 1.0**2 * 0.5 / decay  # sigma = 1, ReLU slope 1/2
+    # The plateau set by finite mirror batches (asymprop.mirror.WM): tan^2 = 2 n_in decay /
+    # ((2 - decay) N), reached as the noise accumulates, (1 - (1 - decay)^(2t)).
+    tan2_floor = 2 * w.shape[1] * decay / ((2 - decay) * settings["mirror_batch"])
+    unit = w / w.norm()
+    curve = []
+    for step in range(settings["steps"] + 1):
+        if step % settings["log_every"] == 0 or step == settings["steps"]:
+            keep = (1 - decay) ** step
+            expected = keep * b0 + (1 - keep) * k * w  # 000 eq. 21 in expectation
+            along = float((expected * unit).sum())
+            across2 = float((expected - along * unit).norm()) ** 2
+            noise2 = (1 - keep**2) * tan2_floor * float(k * w.norm()) ** 2
+            theory = math.degrees(math.atan2(math.sqrt(across2 + noise2), along))
+            curve.append(
+                {"step": step, "measured": alignment(model)[name]["angle_deg"], "theory": theory}
+            )
+        if step < settings["steps"]:
+            mirror(model, 1)
+    return curve
+
+
+def _convergence_figure(
+    config: dict[str, Any],
+    kp: dict[Any, list[dict[str, Any]]],
+    wm: dict[str, list[dict[str, Any]]],
+    path: Path,
+) -> Path:
+    fig, axes = _figure(1, 2, 3.6, 2.8)
+    ax = axes[0][0]
+    for i, (wd, curve) in enumerate(kp.items()):
+        steps = [r["step"] for r in curve]
+        color = f"C{i}"
+        ax.semilogy(steps, [r["measured"] for r in curve], color=color, label=f"lambda={wd}")
+        ax.semilogy(steps, [r["theory"] for r in curve], color=color, ls=":", lw=2)
+    ax.set_title(f"KP, SGD lr {config['kp']['lr']}: ||W-B|| / ||W0-B0||", fontsize=8)
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7, title="dotted: (1 - lr lambda)^t", title_fontsize=6)
+    ax = axes[0][1]
+    for i, (key, curve) in enumerate(wm.items()):
+        steps = [r["step"] for r in curve]
+        color = f"C{i}"
+        ax.plot(steps, [r["measured"] for r in curve], color=color, label=key)
+        ax.plot(steps, [r["theory"] for r in curve], color=color, ls=":", lw=2)
+    ax.set_title("WM mirror mode: angle B, W (deg)", fontsize=8)
+    ax.set_xlabel("mirror step")
+    ax.legend(fontsize=6, title="dotted: E[B_t] (eq. 21)", title_fontsize=6)
+    return _save(fig, path)
+
+
+# --- the suite ------------------------------------------------------------------------------------
+
+ITEMS: dict[str, Callable[[str, dict[str, Any], Path], ItemResult]] = {
+    "akrout-fashion-mnist": akrout,
+    "liao-digits": liao,
+    "lansdell-mlp": lansdell_mlp,
+    "lansdell-autoencoder": lansdell_autoencoder,
+    "feedback-convergence": feedback_convergence,
+}
+"""Item name -> its function; the config is ``experiments/<name>.yaml``."""
+
+
+def run_item(
+    name: str, quick: bool = False, out: str | Path = "runs/reproduce", figures: Path | None = None
+) -> ItemResult:
+    """Run one item; write ``results.csv``, ``table.md`` and figures to ``out/<name>/``.
+
+    ``figures``: also copy the figures there (``docs/figures`` for the report).
+    """
+    if name not in ITEMS:
+        raise ValueError(f"unknown item {name!r}; valid: {', '.join(ITEMS)}")
+    config = item_config(name, quick)
+    directory = Path(out) / name
+    directory.mkdir(parents=True, exist_ok=True)
+    result = ITEMS[name](name, config, directory)
+    _write_rows(directory / "results.csv", result.rows)
+    command = f"python -m asymprop.reproduce --only {name}" + (" --quick" if quick else "")
+    (directory / "table.md").write_text(
+        f"{result.table}\n\nWall time: {result.seconds:.0f} s (`{command}`)\n"
+    )
+    if figures is not None:
+        figures.mkdir(parents=True, exist_ok=True)
+        for path in result.figures:
+            shutil.copy(path, figures / path.name)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m asymprop.reproduce [--quick] [--only ITEM ...] [--out DIR]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m asymprop.reproduce",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="a reduced version of every item")
+    parser.add_argument("--only", nargs="+", choices=list(ITEMS), help="run these items only")
+    parser.add_argument("--out", default="runs/reproduce", help="output folder")
+    parser.add_argument(
+        "--no-figures",
+        action="store_true",
+        help="do not copy figures to docs/figures (always so under --quick)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("asymprop.experiment").setLevel(logging.WARNING)
+    figures = None if (args.quick or args.no_figures) else FIGURES
+    for name in args.only or list(ITEMS):
+        result = run_item(name, args.quick, args.out, figures)
+        print(f"## {name} ({result.seconds:.0f} s)\n\n{result.table}\n", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""The reproduction suite (asymprop.reproduce): the papers' robust qualitative claims at small
+scale (fast), and the whole ``--quick`` suite end to end (slow)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from asymprop.experiment import DataCache
+from asymprop.reproduce import (
+    ITEMS,
+    _classification_run,
+    _kp_curve,
+    _wm_curve,
+    item_config,
+    liao_entry,
+    main,
+)
+
+DIGITS: dict[str, Any] = {
+    "model": "mlp",
+    "model_options": {"widths": [64, 64]},
+    "data": "digits",
+    "epochs": 4,
+    "batch_size": 32,
+    "optimizer": "sgd",
+    "lr": 0.05,
+    "momentum": 0.9,
+    "weight_decay": 0.001,
+    "threads": 1,
+}
+
+
+def test_liao_entry_names_map_to_settings() -> None:
+    assert liao_entry("SGD") == {
+        "rule": "bp",
+        "rule_options": {},
+        "batchnorm": False,
+        "bn_affine": False,
+        "optimizer": "sgd",
+        "freeze": None,
+    }
+    bn_bm = liao_entry("BN+BM")
+    assert bn_bm["batchnorm"] and bn_bm["bn_affine"] and bn_bm["optimizer"] == "bm1"
+    usf = liao_entry("uSF+BN+BM3")
+    assert usf["rule"] == "usf" and usf["batchnorm"] and not usf["bn_affine"]
+    assert usf["optimizer"] == "bm3"
+    assert liao_entry("frSF@75+BN+BM")["rule_options"] == {"flip": 0.75}
+    assert liao_entry("RndF+BN+BM Bottom")["freeze"] == "bottom"
+    with pytest.raises(ValueError, match="unknown token"):
+        liao_entry("XYZ+BN")
+
+
+def test_every_item_has_a_config_with_a_quick_section() -> None:
+    for name in ITEMS:
+        assert item_config(name, quick=True) != item_config(name, quick=False), name
+
+
+def test_kp_gap_follows_the_geometric_law() -> None:
+    """003 eq. 14: under plain SGD with decay lambda, W - B = (1 - lr lambda)^t (W_0 - B_0)."""
+    config = {
+        "kp": {
+            "widths": [32],
+            "lr": 0.05,
+            "batch_size": 32,
+            "steps": 30,
+            "log_every": 10,
+        }
+    }
+    from asymprop.data import load_dataset
+
+    x, y = load_dataset("digits").train.tensors  # type: ignore[attr-defined]
+    curve = _kp_curve(config, 0.1, x, y)
+    assert curve[-1]["step"] == 30
+    for row in curve:
+        assert row["measured"] == pytest.approx(row["theory"], rel=1e-4)
+
+
+def test_wm_angle_reaches_the_predicted_plateau() -> None:
+    """000 eq. 21: mirror mode takes B to k W, up to the finite-batch noise floor."""
+    config = {"wm": {"widths": [32], "mirror_batch": 256, "steps": 30, "log_every": 10}}
+    from asymprop.data import load_dataset
+
+    x, _ = load_dataset("digits").train.tensors  # type: ignore[attr-defined]
+    curve = _wm_curve(config, {"eta_b": 1.0, "decay": 0.5}, x)
+    assert curve[0]["measured"] > 60  # random B
+    assert abs(curve[-1]["measured"] - curve[-1]["theory"]) < 8
+
+
+def _delta_angle(rule: str, tmp_path: Path, cache: DataCache, **extra: Any) -> float:
+    settings = {**DIGITS, **extra, "rule": rule, "seed": 0}
+    rows = _classification_run(settings, tmp_path / rule, cache)
+    values = [v for k, v in rows[-1].items() if k.startswith("delta_angle_deg/")]
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite)
+
+
+def test_kp_and_wm_deltas_stay_far_closer_to_backprop_than_fa(tmp_path: Path) -> None:
+    """001 panels c-f: WM and KP keep the deltas near backprop's; FA's stay far."""
+    cache: DataCache = {}
+    fa = _delta_angle("fa", tmp_path, cache)
+    kp = _delta_angle("kp", tmp_path, cache)
+    wm = _delta_angle("wm", tmp_path, cache, rule_options={"mirror_batch": 256, "warmup_steps": 50})
+    assert fa > 45
+    assert kp < fa / 2 and wm < fa / 2, (fa, kp, wm)
+
+
+def test_usf_bn_bm_keeps_up_with_sgd_and_clamping_stops_random_feedback(tmp_path: Path) -> None:
+    """002 Tables 2 and 4: uSF+BN+BM within a few points of SGD on digits; with the last layer
+    clamped at random, random feedback learns nothing useful, sign-concordant feedback does."""
+    cache: DataCache = {}
+
+    def error(entry: str, lr: float) -> float:
+        spec = liao_entry(entry)
+        settings = {
+            **DIGITS,
+            "rule": spec["rule"],
+            "optimizer": spec["optimizer"],
+            "lr": lr,
+            "weight_decay": 0.0,
+            "seed": 0,
+            "model_options": {
+                "widths": [64, 64],
+                "batchnorm": spec["batchnorm"],
+                "bn_affine": spec["bn_affine"],
+            },
+        }
+        slug = entry.replace(" ", "-").replace("+", "_")
+        rows = _classification_run(settings, tmp_path / slug, cache, spec["freeze"])
+        return 1 - float(rows[-1]["test_accuracy"])
+
+    sgd = error("SGD", 0.05)
+    usf = error("uSF+BN+BM", 0.003)
+    assert usf < sgd + 0.05, (sgd, usf)
+    assert error("uSF+BN+BM Bottom", 0.003) < 0.2
+    assert error("RndF Bottom", 0.05) > 0.5
+
+
+@pytest.mark.slow
+def test_quick_suite_runs_every_item(tmp_path: Path) -> None:
+    """``python -m asymprop.reproduce --quick``: every item writes its table, rows and figures."""
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    for name in ITEMS:
+        directory = tmp_path / name
+        assert (directory / "table.md").read_text().count("|") > 10
+        assert (directory / "results.csv").exists()
+        assert list(directory.glob("*.png"))
