@@ -24,7 +24,7 @@ DIGITS: dict[str, Any] = {
     "model": "mlp",
     "model_options": {"widths": [64, 64]},
     "data": "digits",
-    "epochs": 4,
+    "epochs": 3,
     "batch_size": 32,
     "optimizer": "sgd",
     "lr": 0.05,

@@ -454,8 +454,9 @@ def lansdell_mlp(name: str, config: dict[str, Any], out: Path) -> ItemResult:
                 )
                 log.info("%s %s seed %d: %s", name, label, seed, rows[-1])
         fixed: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        fixed_seeds = config["fixed_w"].get("seeds", config["seeds"])
         for label, noise in config["fixed_w"]["noise"].items():
-            for seed in config["seeds"]:
+            for seed in fixed_seeds:
                 fixed[(label, seed)] = _lansdell_fixed(config, noise, seed, x_train, y_train, probe)
                 rows.append(
                     {"part": "fixed_w", "method": label, "seed": seed, **fixed[(label, seed)][-1]}
@@ -493,7 +494,7 @@ def lansdell_mlp(name: str, config: dict[str, Any], out: Path) -> ItemResult:
     figures = [
         _lansdell_figure(curves, config["seeds"], list(config["methods"]), out / f"{name}.png"),
         _lansdell_figure(
-            fixed, config["seeds"], list(config["fixed_w"]["noise"]), out / f"{name}-fixed-w.png"
+            fixed, fixed_seeds, list(config["fixed_w"]["noise"]), out / f"{name}-fixed-w.png"
         ),
     ]
     return ItemResult(name, "\n".join(lines), figures, rows, time.perf_counter() - started)
