@@ -16,10 +16,9 @@ import torch.nn.functional as F
 from harness import (
     Variant,
     Workload,
+    ab_rounds,
     build_variant,
     choose_block,
-    interleaved,
-    make_optimizer,
     parse_spec,
     timed_block,
     warm_up,
@@ -246,59 +245,50 @@ def compare(reference: dict[str, Tensor], other: dict[str, Tensor]) -> tuple[flo
 
 
 def feature_checks(work: Workload, spec: str, rounds: int) -> dict[str, Any]:
-    """channels-last and bf16 autocast on a conv model: gradients against fp32 and step times."""
-    variants, failed = warm_up(work, [spec], 0)
+    """channels-last and bf16 autocast on a conv model: gradients against fp32 and step times.
+
+    Three copies of the converted model (fp32 contiguous, channels-last, bf16 autocast around
+    forward and loss), the same weights; gradients of one backward, then interleaved steps.
+    """
+    x, y = work.inputs, work.targets
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    variants, failed = warm_up(work, [spec] * 3, 0)
     if failed:
         return {"error": failed[spec]}
-    model = variants[0].model
-    x, y = work.inputs, work.targets
+    fp32, cl, bf16 = (v.model for v in variants)
+    cl.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
-    def loss() -> Tensor:
-        return F.cross_entropy(model(x), y)
-
-    reference = gradients(model, loss)
-    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    x_cl = x.contiguous(memory_format=torch.channels_last)
-    cl = gradients(model, lambda: F.cross_entropy(model(x_cl), y))
-    model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
-
-    def bf16_loss() -> Tensor:
+    def autocast_loss(model: nn.Module, inputs: Tensor) -> Tensor:
         with torch.autocast(work.device.type, dtype=torch.bfloat16):
-            return F.cross_entropy(model(x), y)
+            return F.cross_entropy(model(inputs), y)
 
-    bf16 = gradients(model, bf16_loss)
-    finite = all(bool(torch.isfinite(g).all()) for g in bf16.values())
-    # Step times: fp32 contiguous, channels-last, bf16 autocast (same variant, interleaved).
-    opt = make_optimizer(model)
-    steps = {
-        "fp32": lambda: _step(model, opt, loss),
-        "channels_last": lambda: _step(model, opt, lambda: F.cross_entropy(model(x_cl), y)),
-        "bf16": lambda: _step(model, opt, bf16_loss),
+    losses: dict[str, Callable[[], Tensor]] = {
+        "fp32": lambda: F.cross_entropy(fp32(x), y),
+        "channels_last": lambda: F.cross_entropy(cl(x_cl), y),
+        "bf16": lambda: autocast_loss(bf16, x),
     }
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for name, step in steps.items():
-        if name == "channels_last":
-            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        step()
-        model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
-    for r in range(rounds):
-        names = list(steps)[r % 3 :] + list(steps)[: r % 3]
-        for name in names:
-            fmt = torch.channels_last if name == "channels_last" else torch.contiguous_format
-            model.to(memory_format=fmt)  # type: ignore[call-overload]
-            times[name].append(timed_block(steps[name], 1, work.device))
-    model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
-    median = {k: statistics.median(v) for k, v in times.items()}
+    models = {"fp32": fp32, "channels_last": cl, "bf16": bf16}
+    grads = {k: gradients(models[k], loss) for k, loss in losses.items()}
+    optimizers = {k: v.optimizer for k, v in zip(losses, variants, strict=True)}
+
+    def step_of(k: str) -> Callable[[], float]:
+        return lambda: _step(models[k], optimizers[k], losses[k])
+
+    steps = [Variant(k, models[k], optimizers[k], step_of(k)) for k in losses]
+    for v in steps:
+        v.step()
+    timing = ab_rounds(steps[0], steps[1:], rounds, 1, work.device)
     return {
-        "cl_err": compare(reference, cl)[0],
-        "bf16_cos": compare(reference, bf16)[1],
-        "bf16_finite": finite,
-        "cl_speed": median["fp32"] / median["channels_last"],
-        "bf16_speed": median["fp32"] / median["bf16"],
+        "cl_err": compare(grads["fp32"], grads["channels_last"])[0],
+        "bf16_cos": compare(grads["fp32"], grads["bf16"])[1],
+        "bf16_finite": all(bool(torch.isfinite(g).all()) for g in grads["bf16"].values()),
+        "cl_speed": 1 / timing.ratio("channels_last"),
+        "bf16_speed": 1 / timing.ratio("bf16"),
     }
 
 
 def _step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: Callable[[], Tensor]) -> float:
+    """The user's loop with the loss computed by ``loss()`` (autocast goes around the forward)."""
     optimizer.zero_grad(set_to_none=True)
     value = loss()
     value.backward()
@@ -337,8 +327,8 @@ def _time_compiled(work: Workload, spec: str, rounds: int) -> dict[str, float]:
         for _ in range(3):
             v.step()
     block = choose_block(eager, work.device, 0.3)
-    times = interleaved([eager, compiled], rounds, block, work.device)
+    timing = ab_rounds(eager, [compiled], rounds, block, work.device)
     return {
-        "eager_s": statistics.median(times[spec]),
-        "compiled_s": statistics.median(times["compiled"]),
+        "eager_s": statistics.median(timing.paired["compiled"]),
+        "compiled_s": timing.median("compiled"),
     }

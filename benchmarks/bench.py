@@ -63,8 +63,9 @@ from harness import (
     CLOCK,
     JSON_TAG,
     Timing,
+    ab_rounds,
     choose_block,
-    interleaved,
+    choose_rounds,
     make_workload,
     memory_probe,
     run_worker,
@@ -167,9 +168,6 @@ def render(
     loads: tuple[tuple[float, ...], tuple[float, ...]],
     extras: list[str],
 ) -> str:
-    models = [r.name for r in results]
-    specs = list(dict.fromkeys(s for r in results for s in [*r.timing.times, *r.timing.failed]))
-    footnotes: dict[str, int] = {}
     lines = [
         "# Benchmarks: the training step of every rule, against plain PyTorch and BioTorch",
         "",
@@ -183,41 +181,41 @@ def render(
         "",
         "Method: one process per model builds the model once (seed 0), copies it for plain "
         "PyTorch and for each rule (`asymprop.convert(copy, rule, seed=0)`), and times the whole "
-        "training step (zero_grad, forward, cross-entropy, backward, SGD step with momentum and "
-        "weight decay, `update_feedback`; `asymprop.train_step` for the rules, the same lines for "
-        "plain PyTorch) on one fixed batch. After a warm-up, each round times one block of steps "
-        "of every variant, the visiting order rotated per round; a cell is the median over "
-        f"rounds ({args.rounds} rounds) divided by plain's median (ratio of medians). "
+        "training step (zero_grad, forward, cross-entropy, backward, SGD step, `update_feedback`; "
+        "`asymprop.train_step` for the rules, the same lines for plain PyTorch) on one fixed "
+        "batch. SGD has momentum 0.9, weight decay 5e-4 and lr 0: every op of the update runs "
+        "but the weights stay put, so each round times the same numbers and the raw sign rules "
+        "(gradients up to 1e23 in resnet18) cannot diverge mid-run. After a warm-up, each round "
+        "times one block of steps of every variant, the visiting order rotated per round; a cell "
+        "is the median of a rule's blocks over the median of the plain blocks paired with them "
+        f"(A/B pairs, plain first in even rounds; as many rounds as fit {args.budget:.0f} s per "
+        f"model, 5 to {args.rounds}: the `rounds` row). "
         "`±` is half the interquartile range of the per-round ratios (the noise of the run). "
-        f"`wm` runs with `warmup_steps=0` (the one-off warm-up is not a per-step cost).",
+        + (
+            "Clock: the process's CPU time (`time.process_time`, one torch thread), so time the "
+            "scheduler gives to other processes is not counted; cache and memory-bandwidth "
+            "contention still are. "
+            if device.type == "cpu" and args.clock == "cpu"
+            else "Clock: wall time (CUDA events on a GPU). "
+        )
+        + "`wm` runs with `warmup_steps=0` (the one-off warm-up is not a per-step cost).",
         "",
-        "## Step time (ratio to plain PyTorch; plain in ms per step)",
-        "",
-        "| rule | " + " | ".join(models) + " | target |",
-        "|---|" + "---:|" * len(models) + "---|",
     ]
-    for spec in specs:
-        cells = []
-        for r in results:
-            t = r.timing
-            if spec in t.failed:
-                note = footnotes.setdefault(
-                    f"{spec} on {r.name}: {t.failed[spec]}", len(footnotes) + 1
-                )
-                cells.append(f"n/a [{note}]")
-            elif spec not in t.times:
-                cells.append("")
-            elif spec == "plain":
-                cells.append(f"{t.median(spec) * 1e3:.1f} ms")
-            else:
-                limit = r.target(spec)
-                mark = "" if limit is None else " " + _mark(t.ratio(spec) <= limit)
-                cells.append(f"{t.ratio(spec):.3f} ±{t.spread(spec):.3f}{mark}")
-        lines.append(f"| {spec} | " + " | ".join(cells) + f" | {_target_text(spec)} |")
-    lines.append("")
-    for text, number in footnotes.items():
-        lines.append(f"[{number}] {text}")
-    lines.append("")
+    summary = step_summary(results, device, machine_note(device, args.threads))
+    lines += step_table(summary)
+    other = "cuda" if device.type == "cpu" else "cpu"
+    saved = HERE / f"step-times-{other}.json"
+    if saved.exists():
+        lines += step_table(json.loads(saved.read_text()))
+    else:
+        lines += [
+            f"## Step time on {other}",
+            "",
+            f"Not measured yet ({saved.name} is absent): run `python benchmarks/bench.py "
+            f"--device {other}` on a machine with {'a GPU' if other == 'cuda' else 'a CPU'}; "
+            "it writes that file and this section.",
+            "",
+        ]
     lines += _biotorch_section(results)
     lines += _memory_section(results)
     lines += _kp_section(results)
@@ -236,6 +234,67 @@ def render(
         for table in r.profiles:
             lines += [table, ""]
     return "\n".join(lines)
+
+
+def step_summary(results: list[ModelResult], device: torch.device, machine: str) -> dict[str, Any]:
+    """The step-time table as data (saved per device, so a GPU run can add its own table)."""
+    models: dict[str, Any] = {}
+    for r in results:
+        t = r.timing
+        specs: dict[str, Any] = {}
+        for spec in [*t.times, *t.failed]:
+            if spec in t.failed:
+                specs[spec] = {"failed": t.failed[spec]}
+            elif spec != "plain":
+                limit = r.target(spec)
+                specs[spec] = {"ratio": t.ratio(spec), "spread": t.spread(spec), "target": limit}
+        plain_ms = t.median("plain") * 1e3 if "plain" in t.times else float("nan")
+        rounds = len(t.times[t.base]) // max(1, len(t.paired)) if t.paired else 0
+        models[r.name] = {"plain_ms": plain_ms, "rounds": rounds, "specs": specs}
+    return {
+        "device": device.type,
+        "machine": machine,
+        "date": datetime.date.today().isoformat(),
+        "models": models,
+    }
+
+
+def step_table(summary: dict[str, Any]) -> list[str]:
+    """Markdown: rules x models, ratio to plain (plain in ms), target met or missed."""
+    models = list(summary["models"])
+    specs = list(dict.fromkeys(s for m in summary["models"].values() for s in m["specs"]))
+    footnotes: dict[str, int] = {}
+    lines = [
+        f"## Step time on {summary['device']} (ratio to plain PyTorch; plain in ms per step)",
+        "",
+        f"{summary['machine']}; {summary['date']}.",
+        "",
+        "| rule | " + " | ".join(models) + " | target |",
+        "|---|" + "---:|" * len(models) + "---|",
+        "| plain | "
+        + " | ".join(f"{summary['models'][m]['plain_ms']:.1f} ms" for m in models)
+        + " | |",
+        "| rounds | " + " | ".join(str(summary["models"][m]["rounds"]) for m in models) + " | |",
+    ]
+    for spec in specs:
+        cells = []
+        for name in models:
+            cell = summary["models"][name]["specs"].get(spec)
+            if cell is None:
+                cells.append("")
+            elif "failed" in cell:
+                note = footnotes.setdefault(
+                    f"{spec} on {name}: {cell['failed']}", len(footnotes) + 1
+                )
+                cells.append(f"n/a [{note}]")
+            else:
+                limit = cell["target"]
+                mark = "" if limit is None else " " + _mark(cell["ratio"] <= limit)
+                cells.append(f"{cell['ratio']:.3f} ±{cell['spread']:.3f}{mark}")
+        lines.append(f"| {spec} | " + " | ".join(cells) + f" | {_target_text(spec)} |")
+    lines.append("")
+    lines += [f"[{number}] {text}" for text, number in footnotes.items()]
+    return [*lines, ""]
 
 
 def _target_text(spec: str) -> str:
@@ -301,19 +360,21 @@ def _memory_section(results: list[ModelResult]) -> list[str]:
         "last of the probe's steps minus RSS after its two warm-up steps.",
         "",
         "| model | rule | W (MB) | extra state (MB) | feedback (MB) | feedback / W | only feedback "
-        "| peak RSS - plain (MB) | RSS growth (MB) |",
-        "|---|---|---:|---:|---:|---:|---|---:|---:|",
+        "| peak RSS - plain (MB) | RSS growth (MB) | peak CUDA - plain (MB) |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
+    nan = float("nan")
     for r in results:
+        plain = r.rss.get("plain", {})
         for spec, (extra, feedback) in r.state_mb.items():
             rss = r.rss.get(spec, {})
-            plain_peak = r.rss.get("plain", {}).get("peak_rss_mb", float("nan"))
-            peak = rss.get("peak_rss_mb", float("nan")) - plain_peak
-            growth = rss.get("growth_mb", float("nan"))
+            peak = rss.get("peak_rss_mb", nan) - plain.get("peak_rss_mb", nan)
+            cuda = rss.get("peak_cuda_mb", nan) - plain.get("peak_cuda_mb", nan)
             ok = abs(extra - feedback) < 1e-3
             lines.append(
                 f"| {r.name} | {spec} | {r.weights_mb:.2f} | {extra:.2f} | {feedback:.2f} | "
-                f"{feedback / r.weights_mb:.2f} | {_mark(ok)} | {peak:.1f} | {growth:.1f} |"
+                f"{feedback / r.weights_mb:.2f} | {_mark(ok)} | {peak:.1f} | "
+                f"{rss.get('growth_mb', nan):.1f} | {cuda:.1f} |"
             )
     return [*lines, ""]
 
@@ -494,10 +555,12 @@ def run_model(
 ) -> ModelResult:
     work = make_workload(name, device)
     specs = ["plain", *args.rules]
-    print(f"\n== {name}: timing {len(specs)} variants, {args.rounds} rounds", flush=True)
     variants, failed = warm_up(work, specs, args.warmup)
     block = args.block or choose_block(variants[0], device, args.block_seconds)
-    timing = Timing(interleaved(variants, args.rounds, block, device), failed, block)
+    rounds = choose_rounds(variants, block, device, args.budget, args.rounds)
+    print(f"\n== {name}: {len(variants)} variants, {rounds} A/B rounds of {block} step(s)")
+    timing = ab_rounds(variants[0], variants[1:], rounds, block, device)
+    timing.failed = failed
     result = ModelResult(name, timing, weights_mb=weight_bytes(work.base) / 2**20)
     plain_state = state_bytes(variants[0])[0]
     for v in variants:
@@ -527,12 +590,13 @@ def run_model(
         if rules:
             print(f"== {name}: BioTorch ({', '.join(rules)})", flush=True)
             worker = ["--worker", "biotorch", "--models", name, "--rules", *rules]
-            worker += ["--rounds", str(args.rounds), "--warmup", str(args.warmup)]
-            worker += ["--block", str(block), "--threads", str(args.threads)]
+            worker += ["--rounds", str(args.rounds), "--budget", str(args.budget)]
+            worker += ["--warmup", str(args.warmup), "--block", str(block)]
+            worker += ["--threads", str(args.threads)]
             worker += ["--device", device.type, "--clock", args.clock]
             try:
                 data = run_worker(biotorch_python, worker, timeout=7200)
-                result.biotorch = Timing(data["times"], data["failed"], data["block"])
+                result.biotorch = Timing(**data["timing"])
             except (RuntimeError, subprocess.TimeoutExpired) as error:
                 result.biotorch_note = f"BioTorch run failed on {name}: {error}"
     if args.profile_misses:
@@ -554,14 +618,15 @@ def worker(args: argparse.Namespace, device: torch.device) -> int:
         work = make_workload(name, device)
         specs = ["plain", *args.rules, *(f"biotorch:{r}" for r in args.rules)]
         timing = time_model(
-            work, specs, rounds=args.rounds, warmup=args.warmup, block_seconds=0, block=args.block
+            work,
+            specs,
+            warmup=args.warmup,
+            block_seconds=args.block_seconds,
+            budget_s=args.budget,
+            most_rounds=args.rounds,
+            block=args.block,
         )
-        data = {
-            "times": timing.times,
-            "failed": timing.failed,
-            "block": timing.block,
-            "version": version("biotorch"),
-        }
+        data = {"timing": timing.to_json(), "version": version("biotorch")}
     print(JSON_TAG + json.dumps(data), flush=True)
     return 0
 
@@ -570,7 +635,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", nargs="+", default=None, help=f"default: {' '.join(SUITE_MODELS)}")
     p.add_argument("--rules", nargs="+", default=None, help="rule specs name[:key=value]...")
-    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--rounds", type=int, default=30, help="most A/B rounds per model")
+    p.add_argument(
+        "--budget", type=float, default=300, help="seconds of A/B rounds per model (>= 5 rounds)"
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     p.add_argument("--block", type=int, default=0, help="steps per block (0: ~--block-seconds)")
     p.add_argument("--block-seconds", type=float, default=0.25)
@@ -587,8 +655,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-write", action="store_true", help="print the tables only")
     p.add_argument("--biotorch-python", default=None, help="interpreter with BioTorch installed")
     p.add_argument("--no-biotorch", action="store_true")
-    p.add_argument("--no-rss", dest="rss", action="store_false", help="skip peak-RSS probes")
-    p.add_argument("--probe-steps", type=int, default=3)
+    p.add_argument(
+        "--rss",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="peak-RSS probes, one process per variant (default: on, off with --quick)",
+    )
+    p.add_argument("--probe-steps", type=int, default=5)
     p.add_argument("--no-profile-misses", dest="profile_misses", action="store_false")
     p.add_argument("--profile", default=None, help="print plain vs this rule's profile and exit")
     p.add_argument("--compile", action="store_true", help="add the torch.compile section")
@@ -604,11 +677,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.models = args.models or ["mlp-small"]
         args.rules = args.rules or ["fa", "kp"]
         args.rounds, args.warmup = min(args.rounds, 3), 1
-        args.rss = args.rss and "--rss" in args.argv
+        args.rss = bool(args.rss)
         args.compile_models = args.feature_models = ["cnn-small"]
         args.compile_rules = args.feature_rules = ["plain", "fa"]
+    args.rss = args.rss is not False
     args.models = args.models or SUITE_MODELS
-    args.rules = args.rules or SUITE_RULES
+    args.rules = list(dict.fromkeys(args.rules or SUITE_RULES))  # labels must be unique
     return args
 
 
@@ -638,15 +712,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     extras: list[str] = []
     if args.compile:
         extras += compile_section(
-            device, args.compile_models, ["plain", *args.rules], args.compile_rules, args.rounds
+            device,
+            args.compile_models,
+            ["plain", *args.rules],
+            args.compile_rules,
+            max(5, args.rounds // 3),
         )
     if args.features:
-        extras += features_section(device, args.feature_models, args.feature_rules, args.rounds)
+        extras += features_section(
+            device, args.feature_models, args.feature_rules, max(5, args.rounds // 3)
+        )
     text = render(results, args, device, (load_start, os.getloadavg()), extras)
     print("\n" + text)
     if not args.no_write and not (args.quick and args.out is None):
         out = args.out or HERE / "RESULTS.md"
         out.write_text(text + "\n")
+        if args.out is None:  # the suite's own run: keep this device's table for the other's
+            summary = step_summary(results, device, machine_note(device, args.threads))
+            saved = HERE / f"step-times-{device.type}.json"
+            saved.write_text(json.dumps(summary, indent=1) + "\n")
         print(f"wrote {out}")
     return 0
 

@@ -71,7 +71,11 @@ BIOTORCH_MODES = {
     "frsf": "frsf",
     "dfa": "dfa",
 }
-LR, MOMENTUM, WEIGHT_DECAY = 1e-4, 0.9, 5e-4  # small lr: weights stay put over the run
+#: lr 0: SGD runs every op of its update (momentum, weight decay, the parameter update) but
+#: the weights stay put, so every round times the same numbers and the raw sign rules, whose
+#: gradients reach 1e23 in resnet18 (finite, but a step of any size makes them NaN), cannot
+#: diverge mid-run.
+LR, MOMENTUM, WEIGHT_DECAY = 0.0, 0.9, 5e-4
 
 
 @dataclass
@@ -226,63 +230,106 @@ def warm_up(
     return variants, failed
 
 
-def interleaved(
-    variants: Sequence[Variant], rounds: int, block: int, device: torch.device
-) -> dict[str, list[float]]:
-    """Per-step seconds of each variant, one block per round, visiting order rotated per round."""
-    times: dict[str, list[float]] = {v.label: [] for v in variants}
+def ab_rounds(
+    base: Variant, others: Sequence[Variant], rounds: int, block: int, device: torch.device
+) -> Timing:
+    """Interleaved A/B repetitions: each round times every variant right next to ``base``.
+
+    Round r visits ``others`` in an order rotated by r; each visit times one block of ``base`` and
+    one of the variant, ``base`` first on even rounds and second on odd ones. A variant's ratio is
+    the median of its blocks over the median of the ``base`` blocks paired with them: load that
+    drifts over seconds touches both halves of a pair alike.
+    """
+    times: dict[str, list[float]] = {base.label: []}
+    times.update({v.label: [] for v in others})
+    paired: dict[str, list[float]] = {v.label: [] for v in others}
     for r in range(rounds):
-        k = r % len(variants)
-        for variant in [*variants[k:], *variants[:k]]:
-            times[variant.label].append(timed_block(variant.step, block, device))
-    return times
+        k = r % max(1, len(others))
+        for variant in [*others[k:], *others[:k]]:
+            first, second = (base, variant) if r % 2 == 0 else (variant, base)
+            a = timed_block(first.step, block, device)
+            b = timed_block(second.step, block, device)
+            base_s, variant_s = (a, b) if first is base else (b, a)
+            times[base.label].append(base_s)
+            paired[variant.label].append(base_s)
+            times[variant.label].append(variant_s)
+    return Timing(times, paired, {}, block, base.label)
 
 
 def choose_block(variant: Variant, device: torch.device, block_seconds: float) -> int:
-    """Steps per block so that a block of the plain step lasts about ``block_seconds``."""
+    """Steps per block so that a block of ``variant`` lasts about ``block_seconds``."""
     seconds = timed_block(variant.step, 1, device)
     return max(1, round(block_seconds / max(seconds, 1e-6)))
 
 
+def choose_rounds(
+    variants: Sequence[Variant], block: int, device: torch.device, budget_s: float, most: int
+) -> int:
+    """Rounds that fit ``budget_s`` seconds (one block of each variant is timed to estimate a
+    round: plain once per pair), at least 5 (or ``most`` if smaller) and at most ``most``."""
+    base, *others = variants
+    base_s = timed_block(base.step, block, device) * block
+    round_s = sum(timed_block(v.step, block, device) * block + base_s for v in others)
+    return max(min(5, most), min(most, int(budget_s / max(round_s, 1e-9))))
+
+
 @dataclass
 class Timing:
-    """Per-step times of the variants of one model, measured in one interleaved run."""
+    """Per-step seconds of the variants of one model, measured in one A/B run (``ab_rounds``)."""
 
-    times: dict[str, list[float]]
+    times: dict[str, list[float]]  # every block of each variant (the base's, pooled)
+    paired: dict[str, list[float]]  # for each variant, the base blocks timed next to its own
     failed: dict[str, str]
     block: int
+    base: str = "plain"
 
     def median(self, label: str) -> float:
         return statistics.median(self.times[label])
 
-    def ratio(self, label: str, base: str = "plain") -> float:
-        return self.median(label) / self.median(base)
+    def ratio(self, label: str) -> float:
+        """Median of the variant's blocks over the median of the base blocks paired with them."""
+        return self.median(label) / statistics.median(self.paired[label])
 
-    def spread(self, label: str, base: str = "plain") -> float:
-        """Half the interquartile range of the per-round ratios: the run's noise on ``ratio``."""
-        paired = [a / b for a, b in zip(self.times[label], self.times[base], strict=True)]
-        if len(paired) < 4:
+    def spread(self, label: str) -> float:
+        """Half the interquartile range of the per-pair ratios: the run's noise on ``ratio``."""
+        pairs = [a / b for a, b in zip(self.times[label], self.paired[label], strict=True)]
+        if len(pairs) < 4:
             return float("nan")
-        q = statistics.quantiles(paired, n=4)
+        q = statistics.quantiles(pairs, n=4)
         return (q[2] - q[0]) / 2
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "times": self.times,
+            "paired": self.paired,
+            "failed": self.failed,
+            "block": self.block,
+            "base": self.base,
+        }
 
 
 def time_model(
     work: Workload,
     specs: Sequence[str],
     *,
-    rounds: int,
     warmup: int,
     block_seconds: float,
+    budget_s: float,
+    most_rounds: int,
     block: int | None = None,
+    rounds: int | None = None,
     **kwargs: Any,
 ) -> Timing:
+    """Warm up ``specs`` (the first is the base), then A/B rounds within the time budget."""
     variants, failed = warm_up(work, specs, warmup, **kwargs)
-    if not variants:
-        return Timing({}, failed, 0)
-    if block is None:
-        block = choose_block(variants[0], work.device, block_seconds)
-    return Timing(interleaved(variants, rounds, block, work.device), failed, block)
+    if not variants or variants[0].label != specs[0]:
+        return Timing({}, {}, failed, 0, specs[0])
+    block = block or choose_block(variants[0], work.device, block_seconds)
+    if rounds is None:
+        rounds = choose_rounds(variants, block, work.device, budget_s, most_rounds)
+    timing = ab_rounds(variants[0], variants[1:], rounds, block, work.device)
+    timing.failed = failed
+    return timing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,8 +411,8 @@ def memory_probe(name: str, spec: str, device: torch.device, steps: int) -> dict
 
 
 def run_worker(python: str, args: list[str], timeout: float) -> dict[str, Any]:
-    """Run this script as a worker under ``python`` and return its JSON result."""
-    cmd = [python, str(Path(__file__).resolve()), *args]
+    """Run ``bench.py`` as a worker under ``python`` and return its JSON result."""
+    cmd = [python, str(Path(__file__).resolve().with_name("bench.py")), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     for line in done.stdout.splitlines():
         if line.startswith(JSON_TAG):
