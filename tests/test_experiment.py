@@ -255,3 +255,79 @@ def test_a_last_minibatch_of_one_is_dropped_for_batch_norm(tmp_path: Path) -> No
     config = tiny(tmp_path, train_size=65, model_options={"widths": [8], "batchnorm": True})
     rows = train(config, plots=False)
     assert rows[-1]["step"] == 2  # 32 + 32, the 65th example left out this epoch
+
+
+# --- the ImageNet recipes (issue 8) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["imagenet-resnet18", "imagenet-resnet50"])
+def test_imagenet_recipes_hold_the_paper_settings(name: str) -> None:
+    """000 App. D.1-D.3: Nesterov 0.9, weight decay 1e-4, global batch 2048, 6 warm-up epochs
+    (epochs 3-8 after 2 mirror-only epochs for WM), 10x decays after 32, 62, 82, SS at 0.5,
+    WM eta_B 0.1 and lambda 0.5, batch norm after the activation."""
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.yaml"
+    config = compare_config(read_yaml(path), str(path))
+    assert config.rule_names() == ["bp", "fa", "usf", "wm", "kp"]
+    model = name.split("-")[1]
+    assert config.models == [model] and config.data == ["imagenet"]
+    assert config.model_options[model] == {"bn_position": "after"}
+    peak: dict[str, float] = {}
+    for rule in config.rule_names():
+        run = RunConfig(
+            **{**config.settings, **config.rule_settings.get(rule, {})},
+            rule=rule,
+            rule_options=config.rule_options.get(rule, {}),
+        )
+        check_config(run, world_size=8)
+        assert (run.optimizer, run.momentum, run.weight_decay) == ("nesterov", 0.9, 1e-4)
+        assert (run.batch_size, run.amp) == (2048, "bf16")
+        assert run.lr_reference_batch is not None
+        peak[rule] = run.lr * run.batch_size / run.lr_reference_batch
+        schedule = run.schedule()
+        assert schedule is not None
+        assert schedule.milestones == [32, 62, 82] and schedule.gamma == 0.1
+        start = 2 if rule == "wm" else 0
+        assert run.mirror_warmup_epochs == start
+        assert schedule.factor(start, start + 3) == pytest.approx(0.5)  # half-way up the ramp
+        assert schedule.factor(start + 5, start + 6) == 1.0
+        assert schedule.factor(32, 32.01) == pytest.approx(0.1)  # first step of epoch 33
+        assert schedule.factor(89, 90) == pytest.approx(1e-3)
+    assert peak == {"bp": 0.8, "fa": 0.8, "usf": 0.5, "wm": 0.8, "kp": 0.8}
+    wm = asymprop.make_rule("wm", **config.rule_options["wm"])
+    assert (wm.hebbian_rate, wm.decay, wm.noise_std, wm.mirror_batch) == (0.1, 0.5, 1.0, 2048)
+
+
+def test_lr_schedule_and_reference_batch_set_the_optimizer_lr(tmp_path: Path) -> None:
+    schedule = {"warmup_epochs": 2, "milestones": [3], "gamma": 0.5}
+    config = tiny(
+        tmp_path, optimizer="sgd", lr=0.1, batch_size=50, lr_reference_batch=100,
+        lr_schedule=schedule, epochs=4,
+    )  # fmt: skip
+    run = prepare(config)
+    assert run.optimizer.param_groups[0]["initial_lr"] == 0.05
+    seen: list[float] = []
+
+    class Recorder:
+        def update(self, n: float | None = 1) -> None:
+            seen.append(run.optimizer.param_groups[0]["lr"])
+
+        def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+            pass
+
+    train(config, run=run, progress=Recorder(), plots=False)
+    steps = run.steps_per_epoch()  # 200 / 50 = 4
+    assert steps == 4 and len(seen) == 16
+    assert seen[0] == pytest.approx(0.05 * 1 / 8)  # ramp over 8 steps, after the first step
+    assert seen[7] == pytest.approx(0.05) and seen[8] == pytest.approx(0.05)
+    assert seen[12] == pytest.approx(0.025)  # epoch 4 starts after the milestone 3
+
+
+def test_bf16_autocast_trains_like_float32(tmp_path: Path) -> None:
+    """amp: bf16 runs the forward pass in bfloat16 (the losses differ in the 4th digit) and
+    keeps weights, feedback weights and optimizer state in float32."""
+    full = train(tiny(tmp_path, rule="kp", out=str(tmp_path / "a")), plots=False)
+    half = train(tiny(tmp_path, rule="kp", amp="bf16", out=str(tmp_path / "b")), plots=False)
+    assert half[-1]["train_loss"] != full[-1]["train_loss"]
+    assert half[-1]["train_loss"] == pytest.approx(full[-1]["train_loss"], abs=0.01)
+    state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(v.dtype == torch.float32 for v in state.values() if torch.is_tensor(v))

@@ -382,6 +382,7 @@ def conv_case(draw: st.DrawFn) -> tuple[nn.Module, tuple[int, ...]]:
     return layer, (draw(st.integers(1, 3)), cin, *size)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")  # torch's
 @settings(max_examples=80, deadline=None)
 @given(case=st.one_of(linear_case(), conv_case()), dtype=st.sampled_from(sorted(DTYPES)))
 def test_converted_layers_match_torch(case: tuple[nn.Module, tuple[int, ...]], dtype: str) -> None:
