@@ -148,3 +148,10 @@ def test_quick_suite_runs_every_item(tmp_path: Path) -> None:
         assert (directory / "table.md").read_text().count("|") > 10
         assert (directory / "results.csv").exists()
         assert list(directory.glob("*.png"))
+
+
+def test_cli_reproduce_names_the_valid_items(capsys: pytest.CaptureFixture[str]) -> None:
+    from asymprop.cli import main as cli_main
+
+    assert cli_main(["reproduce", "no-such-item"]) == 2
+    assert "liao-digits" in capsys.readouterr().err

@@ -298,6 +298,16 @@ def _build_parser() -> argparse.ArgumentParser:
     report.add_argument("directory", metavar="DIR")
 
     sub.add_parser("list", help="list the rules (with their options), models, datasets, optimizers")
+
+    reproduce = sub.add_parser(
+        "reproduce",
+        help="re-run the papers' experiments of docs/REPRODUCTION.md (asymprop.reproduce)",
+        description="Run the named reproduction items (all when none is named); same as "
+        "python -m asymprop.reproduce.",
+    )
+    reproduce.add_argument("items", nargs="*", metavar="NAME", help="items (default: all)")
+    reproduce.add_argument("--quick", action="store_true", help="a reduced version of each")
+    reproduce.add_argument("--out", default="runs/reproduce", metavar="DIR")
     return parser
 
 
@@ -610,6 +620,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import main as reproduce_main  # matplotlib and the suite only when asked
+
+    argv = ["--out", args.out, *(["--quick"] if args.quick else [])]
+    return reproduce_main([*argv, *(["--only", *args.items] if args.items else [])])
+
+
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """``parse_args``, but ``key=value`` overrides may also come after flags
     (``asymprop train --lr 0.1 epochs=3 --quiet threads=1``)."""
@@ -631,6 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "compare": _cmd_compare,
         "report": _cmd_report,
         "list": _cmd_list,
+        "reproduce": _cmd_reproduce,
     }
     try:
         args = _parse(parser, argv)
