@@ -57,6 +57,7 @@ import contextlib
 import logging
 import math
 import random
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -375,7 +376,9 @@ def _in_order(
             yield tuple(t[start : start + batch_size] for t in dataset.tensors)
     else:
         batches = [list(range(s, min(s + batch_size, n))) for s in starts]
-        yield from DataLoader(dataset, batch_sampler=batches, num_workers=workers)
+        yield from DataLoader(
+            dataset, batch_sampler=batches, num_workers=workers, worker_init_fn=_worker_init
+        )
 
 
 def minibatches(run: Run, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
@@ -405,8 +408,17 @@ def minibatches(run: Run, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, 
             yield inputs[batch], labels[batch]
     else:
         yield from DataLoader(
-            train, batch_sampler=[b.tolist() for b in batches], num_workers=run.config.workers
+            train,
+            batch_sampler=[b.tolist() for b in batches],
+            num_workers=run.config.workers,
+            worker_init_fn=_worker_init,
         )
+
+
+def _worker_init(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which finishes its step first
+    (the terminal sends SIGINT to the whole process group)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _batch_starts(n: int, batch_size: int, world_size: int = 1) -> range:
