@@ -24,6 +24,9 @@ from torch._functorch.utils import unwrap_dead_wrappers
 
 __all__ = ["feedback_conv2d", "feedback_linear"]
 
+# torch.compiler.is_compiling appeared in torch 2.3; dynamo folds either spelling to True.
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+
 
 class _FeedbackLinear(torch.autograd.Function):
     @staticmethod
@@ -127,13 +130,13 @@ def _apply(function: type[torch.autograd.Function], *args: Any) -> Tensor:
     ``forward``'s signature on every call, only to fill in default values (ours have none and get
     every argument positionally). That costs tens of microseconds per call (about 80 us measured
     on the benchmark CPU, several times the C++ apply itself): per layer and per step, a tax that
-    a GPU step, whose kernels are short, would feel most. Outside functorch
-    transforms and ``torch.compile`` we take the branch ``Function.apply`` itself takes there
-    (unwrap dead functorch wrappers, then the C++ apply); under transforms and compilation the
-    public path runs, because functorch and dynamo handle ``Function.apply`` specially.
+    a GPU step, whose kernels are short, would feel most. Outside functorch transforms and
+    ``torch.compile`` we take the branch ``Function.apply`` itself takes there (unwrap dead
+    functorch wrappers, then the C++ apply); under transforms and compilation the public path
+    runs, because functorch and dynamo handle ``Function.apply`` specially.
     """
     # is_compiling first: dynamo folds it to True and never traces the functorch query.
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if _is_compiling() or torch._C._are_functorch_transforms_active():
         return function.apply(*args)  # type: ignore[no-any-return]
     # super(Function, cls).apply is torch._C._FunctionBase.apply bound to our class.
     return super(torch.autograd.Function, function).apply(  # type: ignore[misc,no-any-return]
