@@ -309,7 +309,7 @@ def test_sigkill_at_random_moments_then_resume_completes_the_run(tmp_path: Path)
         process = launch(["--resume", str(out), "--quiet"])
     _, err = process.communicate(timeout=300)
     assert process.returncode == 0, err.decode()
-    assert steps and steps == sorted(steps), steps  # every resumed process made progress
+    assert len(steps) >= 3 and steps == sorted(steps), steps  # resumed processes made progress
     reference = reference_run(tmp_path)
     assert_same_rows(reference, out)
     assert_same_state(reference, out)
