@@ -462,6 +462,24 @@ def test_noisy_pass_replays_dropout_and_leaves_batch_norm_statistics() -> None:
     assert asymprop.alignment(model)["4"]["rel_error"] < 0.5
 
 
+def test_noisy_pass_reuses_data_fed_layers_exactly() -> None:
+    """The noisy pass reuses the clean output of data-fed layers; in-place ops cannot spoil it."""
+    x, y = _digits()
+    results = []
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        net = nn.Sequential(
+            nn.Linear(64, 30), nn.LeakyReLU(0.1, inplace=inplace),  # not idempotent
+            nn.Linear(30, 20), nn.LeakyReLU(0.1, inplace=inplace), nn.Linear(20, 10),
+        )  # fmt: skip
+        model = convert(net, "np", seed=0, fit="ridge")
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        for step in range(3):
+            train_step(model, opt, half_sse, x[32 * step : 32 * step + 32], y[:32])
+        results.append(torch.cat([model[i].feedback_weight.flatten() for i in (2, 4)]))
+    assert torch.equal(results[0], results[1])
+
+
 def test_checkpoint_round_trip_continues_exactly_with_lazy_shapes() -> None:
     x, y = _digits()
 
