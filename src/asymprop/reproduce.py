@@ -67,6 +67,8 @@ ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS = ROOT / "experiments"
 FIGURES = ROOT / "docs" / "figures"
 DPI = 100
+MAX_PNG_BYTES = 150_000
+"""Figures larger than this are saved with a 64-colour palette (the report keeps them small)."""
 
 
 @dataclass
@@ -131,6 +133,12 @@ def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
+    if path.stat().st_size > MAX_PNG_BYTES:  # scatter plots: a 64-colour palette is plenty
+        from PIL import Image
+
+        with Image.open(path) as image:
+            small = image.convert("RGB").quantize(colors=64, method=Image.Quantize.MEDIANCUT)
+        small.save(path, optimize=True)
     return path
 
 
