@@ -263,3 +263,26 @@ def test_console_entry_point_has_no_traceback() -> None:
     assert result.stderr.strip().splitlines() == [
         f"asymprop: error: unknown rule 'nope'; valid: {', '.join(sorted(asymprop.RULES))}"
     ]
+
+
+def test_train_runs_one_run_of_a_comparison_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``asymprop train --config <comparison> --rule R``: R's run, with its rule_options and
+    rule_settings (as ``compare`` would run it)."""
+    path = tmp_path / "cmp.yaml"
+    settings = {
+        "rules": ["bp", "brsf"],
+        "rule_options": {"brsf": {"flip": 0.25}},
+        "rule_settings": {"brsf": {"lr": 0.01}},
+        "model_options": {"mlp": {"widths": [16]}},
+        "out": str(tmp_path / "cmp"),
+    }
+    path.write_text(yaml.safe_dump(settings))
+    code, err = run_main(["train", "--config", str(path), "--quiet"], capsys)
+    assert code == 2 and "compares rules bp, brsf: pick one with --rule" in err
+    args = ["train", "--config", str(path), "--rule", "brsf", "--quiet", *TINY[:4]]
+    assert main(args) == 0
+    saved = read_yaml(tmp_path / "cmp" / "runs" / "brsf-mlp-digits-seed0" / "config.yaml")
+    assert (saved["rule"], saved["rule_options"], saved["lr"]) == ("brsf", {"flip": 0.25}, 0.01)
+    assert (saved["model_options"], saved["epochs"]) == ({"widths": [16]}, 1)

@@ -350,6 +350,8 @@ def _settings(args: argparse.Namespace, flags: Sequence[str]) -> dict[str, Any]:
     from .records import read_yaml
 
     data: dict[str, Any] = read_yaml(_config_file(args.config)) if args.config else {}
+    if "rule" in flags and "rules" in data:  # train with a comparison's file: one of its runs
+        data = _one_run(data, args)
     for name in (*flags, *_FLAGS_SHARED):
         if name in args:
             data[name] = getattr(args, name)
@@ -357,6 +359,41 @@ def _settings(args: argparse.Namespace, flags: Sequence[str]) -> dict[str, Any]:
         key, value = _key_value(text, "an override")
         _set_dotted(data, key, value)
     return data
+
+
+def _one_run(data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The settings of one run of a comparison's config file, picked by ``--rule``, ``--model``,
+    ``--data`` and ``--seed`` (each may be left out when the file names only one)."""
+    from .compare import compare_config
+
+    config = compare_config(data, f"config {args.config}")
+    picked = {}
+    for flag, axis, values in (
+        ("rule", "rules", config.rule_names()),
+        ("model", "models", config.models),
+        ("data", "data", config.data),
+        ("seed", "seeds", config.seeds),
+    ):
+        if flag in args:
+            picked[flag] = getattr(args, flag)
+        elif len(values) == 1 or flag == "seed":
+            picked[flag] = values[0]
+        else:
+            choices = ", ".join(map(str, values))
+            raise _BadInputError(
+                f"config {args.config} compares {axis} {choices}: pick one with --{flag}"
+            )
+    rule, model = picked["rule"], picked["model"]
+    return {
+        **config.settings,
+        **config.rule_settings.get(rule, {}),
+        **picked,
+        "rule_options": dict(config.rule_options.get(rule, {})),
+        "model_options": dict(config.model_options.get(model, {})),
+        "out": str(
+            Path(config.out) / "runs" / f"{rule}-{model}-{picked['data']}-seed{picked['seed']}"
+        ),
+    }
 
 
 def _train_settings(args: argparse.Namespace) -> dict[str, Any]:
