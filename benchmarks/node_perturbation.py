@@ -13,7 +13,7 @@ Four parts, each printing a Markdown table (all numbers measured by this script)
   ``fa``, ``np``, ``kp`` (when registered), ``sg`` and ``matched``.
 * ``cost``: seconds per training step of ``np`` (and ``sg``) against ``bp``.
 
-Run (CPU, one thread; about 40 minutes for everything)::
+Run (CPU, one thread; about an hour for everything on a busy 2-core machine)::
 
     python benchmarks/node_perturbation.py --part all --seeds 2
 
