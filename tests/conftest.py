@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-
 # The suite's models are tiny: one thread beats two (no sync overhead) and leaves the other core
 # to a parallel worker.
 torch.set_num_threads(1)

@@ -7,11 +7,11 @@ import logging
 
 import pytest
 import torch
-from conftest import small_cnn, small_mlp, small_resnet
 from torch import nn
 
 import asymprop
 from asymprop import FeedbackConv2d, FeedbackLinear, convert, feedback_layers, revert
+from conftest import small_cnn, small_mlp, small_resnet
 
 MODELS = {
     "mlp": (small_mlp, (7, 12)),
@@ -236,7 +236,7 @@ def test_ill_typed_or_out_of_range_options(rule, options, error, pattern) -> Non
 
 def test_no_convertible_layer() -> None:
     with pytest.raises(
-        ValueError, match="no nn.Linear or nn.Conv2d layer to convert in Sequential"
+        ValueError, match=r"no nn\.Linear or nn\.Conv2d layer to convert in Sequential"
     ):
         convert(nn.Sequential(nn.ReLU(), nn.Flatten()), "fa")
     with pytest.raises(ValueError, match=r"after exclude=\['\*'\]"):

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import small_cnn, small_mlp, small_resnet
 from torch import nn
 
 from asymprop import alignment, angle_deg, convert, delta_alignment
+from conftest import small_cnn, small_mlp, small_resnet
 
 CE = F.cross_entropy
 

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import small_cnn, small_mlp
 from torch import nn
 
 import asymprop
 from asymprop import RULES, convert, feedback_layers, train_step, update_feedback
+from conftest import small_cnn, small_mlp
 
 CE = F.cross_entropy
 
@@ -151,7 +152,7 @@ def test_brsf_redraws_m_every_update_and_frsf_never() -> None:
         _train(fr, steps=1, opt=opt_fr)
         br_history.append(_magnitudes(br[0]).clone())
         fr_history.append(_magnitudes(fr[0]).clone())
-    for a, b in zip(br_history, br_history[1:], strict=False):
+    for a, b in itertools.pairwise(br_history):
         assert not torch.allclose(a, b)
     for m in fr_history[1:]:
         torch.testing.assert_close(m, fr_history[0])
