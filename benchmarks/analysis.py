@@ -4,6 +4,7 @@ allowance, and the torch.compile / channels-last / bf16 autocast checks.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -106,18 +107,22 @@ def profile_table(work: Workload, spec: str, rows: int = 10, reps: int = 5) -> s
     return "\n".join(lines)
 
 
-def layer_products(work: Workload) -> tuple[float, float]:
-    """Multiply-adds per step of the Linear/Conv2d layers: (engaged training, one mirror step).
+def layer_products(
+    work: Workload, mirror_batch: Callable[[str], int] | None = None
+) -> tuple[float, float, float]:
+    """Multiply-adds of the Linear/Conv2d layers: (engaged step, mirror step at the engaged batch,
+    mirror step at each layer's own mirror batch ``mirror_batch(name)``).
 
     Engaged: forward, weight gradient and, when the layer's input needs one, input gradient --
     three products of equal size (two for the first layer). Mirror: a forward of noise and a
     weight-gradient-shaped covariance -- two (000 App. B; for a conv, App. D.2).
     """
-    engaged = mirror = 0.0
+    engaged = mirror = mirror_own = 0.0
+    batch = work.inputs.shape[0]
     handles = []
 
-    def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        nonlocal engaged, mirror
+    def hook(name: str, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        nonlocal engaged, mirror, mirror_own
         if isinstance(module, nn.Conv2d):
             per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
         else:
@@ -126,17 +131,28 @@ def layer_products(work: Workload) -> tuple[float, float]:
         macs = float(output.numel() * per_output)
         engaged += macs * (3 if inputs[0].requires_grad else 2)
         mirror += 2 * macs
+        mirror_own += 2 * macs * (mirror_batch(name) / batch if mirror_batch else 1.0)
 
-    for m in work.base.modules():
+    for name, m in work.base.named_modules():
         if isinstance(m, nn.Linear | nn.Conv2d):
-            handles.append(m.register_forward_hook(hook))
+            handles.append(m.register_forward_hook(functools.partial(hook, name)))
     try:
         F.cross_entropy(work.base(work.inputs), work.targets).backward()
     finally:
         for h in handles:
             h.remove()
         work.base.zero_grad(set_to_none=True)
-    return engaged, mirror
+    return engaged, mirror, mirror_own
+
+
+def layer_share(work: Workload, reps: int = 5) -> float:
+    """f: the share of plain's step spent in the layers' products (median of ``reps`` profiles)."""
+    variants, _ = warm_up(work, ["plain"], 2)
+    shares = []
+    for _ in range(reps):
+        ops, wall = profile_ops(variants[0], 1, work.device)
+        shares.append(min(1.0, sum(t for k, t in ops.items() if k in LAYER_OPS) / wall))
+    return statistics.median(shares)
 
 
 @dataclass
@@ -145,28 +161,35 @@ class MirrorModel:
 
     spec: str
     paper: float  # 1 + (2/3) r s
-    derived: float  # 1 + r s (mirror / engaged products) f
+    derived: float  # 1 + s (mirror products / engaged products) f
     layer_share: float  # f
+    mirror_batch: float  # r, weighted by the layers' products
 
 
-def mirror_cost_model(work: Workload, spec: str) -> MirrorModel:
-    """000 App. B's cost model, and the same model with measured products and layer share.
+def mirror_cost_model(work: Workload, spec: str, share: float | None = None) -> MirrorModel:
+    """000 App. B's cost model, and the same model with counted products and layer share.
 
-    ``r = mirror_batch / batch``, ``s = mirror_steps`` (halved for ``schedule="alternate"``,
-    000 App. C.4). ``f`` is the share of the plain step spent in the layers' products (profiled):
-    mirror mode repeats only those, never batch norm, activations, pooling or the optimizer.
+    ``r`` = mirror batch / engaged batch, per layer as the rule chooses it (``noise_shape``),
+    averaged with the layers' products as weights; ``s = mirror_steps`` (halved for
+    ``schedule="alternate"``, 000 App. C.4). ``f`` is the share of the plain step spent in the
+    layers' products (profiled): mirror mode repeats only those, never batch norm, activations,
+    pooling, the loss or the optimizer.
     """
     _, options = parse_spec(spec)
-    mirror_batch = options.get("mirror_batch") or work.inputs.shape[0]
-    r = mirror_batch / work.inputs.shape[0]
     s = float(options.get("mirror_steps", 1))
     if options.get("schedule", "layerwise") == "alternate":
         s /= 2
-    engaged, mirror = layer_products(work)
-    variants, _ = warm_up(work, ["plain"], 2)
-    ops, wall = profile_ops(variants[0], 3, work.device)
-    share = min(1.0, sum(t for k, t in ops.items() if k in LAYER_OPS) / wall)
-    return MirrorModel(spec, 1 + 2 / 3 * r * s, 1 + r * s * mirror / engaged * share, share)
+    variants, _ = warm_up(work, [spec], 1)  # records each layer's input shape
+    layers = dict(asymprop.feedback_layers(variants[0].model))
+
+    def mirror_batch(name: str) -> int:
+        layer = layers[name]
+        return int(layer.rule.noise_shape(layer)[0])  # type: ignore[attr-defined]
+
+    engaged, mirror, mirror_own = layer_products(work, mirror_batch)
+    r = mirror_own / mirror
+    f = layer_share(work) if share is None else share
+    return MirrorModel(spec, 1 + 2 / 3 * r * s, 1 + s * mirror_own / engaged * f, f, r)
 
 
 # ---------------------------------------------------------------------------------------------
