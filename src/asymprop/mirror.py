@@ -16,11 +16,13 @@ A weight-mirror network alternates two modes (000 Alg. 1):
   decay 0.5, sigma 1, ReLU) give ``B = 0.1 W``. Our default ``eta_b=None`` picks the eta_b that
   makes the multiple 1, so errors keep backprop's scale in networks without batch norm.
 
-Noise has the shape of the batch the layer saw in its last forward pass (``mirror_batch``
-replaces its batch size). Conv layers estimate, for each shared weight, the covariance averaged
-over the input/output pairs it connects (000 App. D.2): a weight-gradient op with the noise as
-input and the driven output as output gradient, divided per kernel tap by the number of pairs
-that tap connects (padding is not a neuron) times the batch.
+Noise has the shape (channels, height, width; or features) of the input the layer saw in its
+last training forward pass. Its batch is ``mirror_batch`` examples, or by default as many as make
+every weight average ``PAIRS_PER_FAN_IN * fan_in`` input/output pairs per mirror step (a conv
+weight gets one pair per output position and example). Conv layers estimate, for each shared
+weight, the covariance averaged over the input/output pairs it connects (000 App. D.2): a
+weight-gradient op with the noise as input and the driven output as output gradient, divided per
+kernel tap by the number of pairs that tap connects (zero padding is no neuron) times the batch.
 
 Mirror mode reads W and writes B only: it runs without grad, calls the layer's op directly (never
 the model's forward), so batch norm, its running statistics, dropout and every other part of the
@@ -36,6 +38,7 @@ of a data-parallel job, and a reloaded model, mirrors identically.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -55,6 +58,11 @@ logger = logging.getLogger(__name__)
 
 Nonlinearity = Literal["relu", "identity"]
 Schedule = Literal["layerwise", "alternate"]
+
+PAIRS_PER_FAN_IN = 2.0
+"""With ``mirror_batch=None``, each weight's covariance averages this many input/output pairs per
+fan-in in one mirror step (see ``WM.noise_shape``); with decay 0.5 and ReLU the predicted plateau
+angle is then ``atan(sqrt((2 - 2/pi) decay / ((2 - decay) PAIRS_PER_FAN_IN)))`` = 25 degrees."""
 
 PAPER_OPTIONS: dict[str, Any] = {
     "eta_b": 0.1,
@@ -88,22 +96,31 @@ class WM(FeedbackRule):
 
     B converges to ``k W`` with ``k = eta_b * noise_std^2 * slope / decay`` (slope 1/2 for ReLU,
     1 for identity; see the module docstring), and stays bounded for any W: the decay term
-    forgets old covariances geometrically. B averages the covariances of the last
-    ``~(2 - decay) / decay`` mirror batches, so its angle to W plateaus near
-    ``atan(sqrt(2 fan_in decay / ((2 - decay) N)))`` for a Linear layer with ReLU (N = mirror batch,
-    times the positions per weight for a conv), while it lags a moving W by ``~1 / decay``
-    mirror steps. Too much lag makes engaged training unstable: see ``docs/rules.md`` for the
-    measured plateau, the safe range of ``decay`` and why the defaults are what they are.
+    forgets old covariances geometrically. Two trade-offs set the defaults (measured in
+    ``docs/rules.md``):
+
+    * **noise**: B averages the covariances of the last ``~(2 - decay) / decay`` mirror batches,
+      so for a fixed W its angle to W plateaus at ``atan(sqrt(c fan_in decay / ((2 - decay)
+      N P)))``, with N examples per mirror batch, P output positions per example sharing a
+      weight (1 for Linear), c = 2 - 2/pi for ReLU and 1 for identity;
+    * **lag**: B is an exponential average of past W's, ``(1 - decay) / decay`` mirror steps
+      old on average. A B more than about one engaged step stale makes training with momentum
+      diverge even without noise, while its angle to W stays under a few degrees.
+
+    Defaults: ``decay=0.5`` (lag of one step) and a per-layer mirror batch of ``2 fan_in / P``
+    examples (plateau 25 degrees), which kept ``wm`` within 0.5 points of ``bp`` on
+    Fashion-MNIST (``benchmarks/learned_feedback.py``).
 
     Options:
         eta_b: Hebbian rate. ``None`` (default): ``decay / (noise_std^2 * slope)``, so B -> W.
         decay: lambda_WM in (0, 1], the weight decay of B per mirror update.
         noise_std: sigma, the standard deviation of the mirror noise.
-        mirror_batch: examples per mirror batch; ``None`` uses the batch size of the layer's last
-            forward pass (so one mirror step costs about one forward + one weight-gradient op of
-            the layer on an engaged batch, 000 App. B).
+        mirror_batch: examples per mirror batch. ``None`` (default): per layer,
+            ``max(2, ceil(PAIRS_PER_FAN_IN * fan_in / P))``; a conv layer of many positions then
+            needs only a few examples, a dense layer ``2 fan_in``.
         mirror_steps: mirror steps after each engaged step.
-        warmup_steps: pure mirror steps before the first engaged step.
+        warmup_steps: pure mirror steps before the first engaged step (20: a random B is
+            forgotten geometrically, (1 - decay)^20 ~ 1e-6 at decay 0.5).
         nonlinearity: phi of the drive, ``"relu"`` (paper) or ``"identity"``.
         schedule: ``"layerwise"`` (every layer mirrored once per mirror step, each with its own
             noise, 000 Alg. 1) or ``"alternate"`` (every second layer per mirror step, the other
@@ -112,12 +129,14 @@ class WM(FeedbackRule):
             uses the non-negative-signal variant of 000 App. C.2 (eq. 23-24): the input fires
             ``beta + noise``, the bias is set to the default bias b- = beta (phi(b-) = beta,
             phi'(b-) = 1 for ReLU and identity), and beta is subtracted from both signals
-            instead of the batch means. The slope in the formula for ``k`` is then 1.
+            instead of the batch means. The mean slope of ReLU is then
+            ``Phi(beta / (noise_std |w_i|))`` for output unit i (so row i of B -> k_i w_i);
+            ``eta_b=None`` assumes the linearised slope ``phi'(b-) = 1``.
         init, gain: the initial random B, as for ``fa``.
 
     Example:
         >>> model = asymprop.convert(model, "wm", seed=0)
-        >>> asymprop.mirror(model, steps=200, example_input=x)   # optional explicit warm-up
+        >>> asymprop.mirror(model, steps=20, example_input=x)    # optional explicit warm-up
         >>> asymprop.train_step(model, opt, loss_fn, x, y)       # engaged step + mirror steps
 
     Paper: 000 Alg. 1, App. B-D; 001 (weight mirror); 003 eq. (5)-(11).
@@ -129,7 +148,7 @@ class WM(FeedbackRule):
     noise_std: float = 1.0
     mirror_batch: int | None = None
     mirror_steps: int = 1
-    warmup_steps: int = 200
+    warmup_steps: int = 20
     nonlinearity: Nonlinearity = "relu"
     schedule: Schedule = "layerwise"
     baseline: float | None = None
@@ -160,6 +179,17 @@ class WM(FeedbackRule):
             )
         if not self.gain > 0:
             raise ValueError(f"rule {self.name!r} option gain={self.gain!r} must be > 0")
+        tracking = 1 - (1 - self.decay) ** self.mirror_steps  # B's decay per engaged step
+        if 0 < tracking < 0.5:
+            logger.warning(
+                "wm with decay=%s and mirror_steps=%s lets B lag W by ~%.0f engaged steps; a B "
+                "more than ~1 step stale made training diverge at lr 0.01-0.05 with momentum 0.9 "
+                "in our tests (docs/rules.md): raise decay or mirror_steps so that "
+                "1 - (1 - decay)**mirror_steps >= 0.5",
+                self.decay,
+                self.mirror_steps,
+                (1 - tracking) / tracking,
+            )
 
     @classmethod
     def paper(cls, **overrides: Any) -> WM:
@@ -195,8 +225,10 @@ class WM(FeedbackRule):
 
     # --- engaged mode -----------------------------------------------------------------------
     def forward(self, layer: FeedbackLayer, input: Tensor) -> Tensor:
-        # Mirror noise is shaped like the last input (a list, so it is saved in state_dict).
-        layer.feedback_state["input_shape"] = list(input.shape)
+        # Mirror noise is shaped like the last training input (a list: saved in state_dict);
+        # evaluation passes, often with bigger batches, only fill in a missing shape.
+        if layer.training or "input_shape" not in layer.feedback_state:
+            layer.feedback_state["input_shape"] = list(input.shape)
         return layer.feedback_forward(input, layer.feedback_weight)
 
     def before_forward(self, step: StepContext) -> None:
@@ -281,38 +313,52 @@ class WM(FeedbackRule):
         feedback.mul_(1 - self.decay).add_(covariance.to(feedback.dtype), alpha=self.hebbian_rate)
 
     def noise_shape(self, layer: FeedbackLayer) -> list[int]:
-        """The mirror batch's shape: the last input's shape with ``mirror_batch`` examples."""
+        """The mirror batch's shape: the last input's shape with ``mirror_batch`` examples.
+
+        With ``mirror_batch=None`` the batch is chosen per layer so that every weight averages
+        about ``PAIRS_PER_FAN_IN * fan_in`` input/output pairs per mirror step: ``N = max(2,
+        ceil(PAIRS_PER_FAN_IN * fan_in / positions))``, positions being the output positions
+        one example gives a weight (``H_out * W_out`` for a conv, 1 for a Linear on 2-D input).
+        """
         recorded = layer.feedback_state.get("input_shape")
         if recorded is None:
-            if isinstance(layer, FeedbackConv2d) or self.mirror_batch is None:
-                what = (
-                    "the size of its input"
-                    if isinstance(layer, FeedbackConv2d)
-                    else ("its batch size (mirror_batch=None)")
-                )
+            if isinstance(layer, FeedbackConv2d):
                 raise RuntimeError(
-                    f"weight mirrors does not know {what} for this {type(layer).__name__} "
-                    f"({layer.weight.shape[1]} input channels/features): it has not run a forward "
-                    "pass yet. Run a batch through the model first, or call asymprop.mirror("
-                    "model, steps, example_input=batch) or asymprop.mirror(model, steps, "
-                    "input_shapes={name: (N, C, H, W)})"
-                    + ("" if isinstance(layer, FeedbackConv2d) else ", or set mirror_batch")
+                    f"weight mirrors does not know the input size of this Conv2d "
+                    f"({layer.weight.shape[1] * layer.groups} input channels): it has not run a "
+                    "forward pass yet. Run a batch through the model first, or call "
+                    "asymprop.mirror(model, steps, example_input=batch) or "
+                    "asymprop.mirror(model, steps, input_shapes={name: (N, C, H, W)})"
                 )
-            return [self.mirror_batch, layer.weight.shape[1]]
+            recorded = [0, layer.weight.shape[1]]  # a Linear layer needs only in_features
         shape = list(recorded)
         if self.mirror_batch is not None:
             shape[0] = self.mirror_batch
-        if shape[0] < 2 and self.baseline is None:
-            raise RuntimeError(
-                f"weight mirrors would mirror a batch of {shape[0]} (the last forward pass's "
-                "batch size), but subtracting batch means needs >= 2: set mirror_batch"
-            )
+        else:
+            pairs = PAIRS_PER_FAN_IN * layer.fan_in
+            shape[0] = max(2, math.ceil(pairs / _positions(layer, shape)))
         return shape
 
     def _needs_shape(self, layer: FeedbackLayer) -> bool:
-        return "input_shape" not in layer.feedback_state and (
-            isinstance(layer, FeedbackConv2d) or self.mirror_batch is None
-        )
+        return isinstance(layer, FeedbackConv2d) and "input_shape" not in layer.feedback_state
+
+
+def _positions(layer: FeedbackLayer, shape: Sequence[int]) -> int:
+    """Output positions per example that share each weight: ``H_out * W_out`` for a conv, the
+    middle (sequence) dimensions for a Linear, 1 for a Linear on ``(N, in)``."""
+    if not isinstance(layer, FeedbackConv2d):
+        return math.prod(shape[1:-1])
+    if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        left, right, top, bottom = layer._reversed_padding_repeated_twice
+        sizes, pads = (shape[2] + top + bottom, shape[3] + left + right), (0, 0)
+    else:
+        sizes, pads = (shape[2], shape[3]), (int(layer.padding[0]), int(layer.padding[1]))
+    positions = 1
+    for size, pad, kernel, stride, dilation in zip(
+        sizes, pads, layer.kernel_size, layer.stride, layer.dilation, strict=True
+    ):
+        positions *= max(1, (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1)
+    return positions
 
 
 def _explicit_padding(layer: FeedbackConv2d, x: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
