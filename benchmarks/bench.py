@@ -62,6 +62,7 @@ from harness import (
     BIOTORCH_MODES,
     CLOCK,
     JSON_TAG,
+    PLAIN_COPY,
     Timing,
     ab_rounds,
     choose_block,
@@ -299,6 +300,8 @@ def step_table(summary: dict[str, Any]) -> list[str]:
 
 def _target_text(spec: str) -> str:
     rule = spec.split(":")[0]
+    if spec == PLAIN_COPY:
+        return "A/A control: plain again (the run's noise floor)"
     if spec in FIXED_TARGETS:
         return f"<= {FIXED_TARGETS[spec]}"
     if spec == "kp":
@@ -556,7 +559,7 @@ def run_model(
     name: str, args: argparse.Namespace, device: torch.device, biotorch_python: str | None
 ) -> ModelResult:
     work = make_workload(name, device)
-    specs = ["plain", *args.rules]
+    specs = ["plain", PLAIN_COPY, *args.rules]
     variants, failed = warm_up(work, specs, args.warmup)
     block = args.block or choose_block(variants[0], device, args.block_seconds)
     rounds = choose_rounds(variants, block, device, args.budget, args.rounds)
@@ -566,6 +569,8 @@ def run_model(
     result = ModelResult(name, timing, weights_mb=weight_bytes(work.base) / 2**20)
     plain_state = state_bytes(variants[0])[0]
     for v in variants:
+        if v.label == PLAIN_COPY:
+            continue
         total, feedback = state_bytes(v)
         result.state_mb[v.label] = ((total - plain_state) / 2**20, feedback / 2**20)
     del variants
@@ -583,7 +588,7 @@ def run_model(
             share = result.mirror[spec].layer_share
     if args.rss:
         for spec in specs:
-            if spec in timing.failed:
+            if spec in timing.failed or spec == PLAIN_COPY:
                 continue
             worker = ["--worker", "memory", "--models", name, "--rules", spec]
             worker += ["--threads", str(args.threads), "--device", device.type]

@@ -111,6 +111,9 @@ class Variant:
     step: Callable[[], float]
 
 
+PLAIN_COPY = "plain-copy"
+
+
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"wm:schedule=alternate:mirror_steps=2"`` -> ``("wm", {...})`` (benchmark defaults in)."""
     name, *items = spec.split(":")
@@ -150,10 +153,15 @@ def plain_step(
 
 
 def build_variant(work: Workload, spec: str, *, compile_model: bool = False) -> Variant:
-    """``"plain"``, an asymprop rule spec, or ``"biotorch:<rule>"``, on a copy of the weights."""
+    """``"plain"``, an asymprop rule spec, or ``"biotorch:<rule>"``, on a copy of the weights.
+
+    ``"plain-copy"`` is plain PyTorch again, another copy: timed against ``"plain"`` it is the
+    A/A control, the run's floor for a difference that no code causes (placement in memory,
+    load).
+    """
     model = copy.deepcopy(work.base)
     x, y = work.inputs, work.targets
-    if spec == "plain" or spec.startswith("biotorch:"):
+    if spec in ("plain", PLAIN_COPY) or spec.startswith("biotorch:"):
         forward: Callable[[Tensor, Tensor], Tensor] = lambda inputs, targets: model(inputs)  # noqa: E731
         if spec.startswith("biotorch:"):
             model, forward = biotorch_model(model, spec.split(":", 1)[1], work)
