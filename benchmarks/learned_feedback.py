@@ -37,6 +37,9 @@ from asymprop.mirror import WM
 from asymprop.models import build_model
 
 MODELS = {"mlp": ("mlp", 3), "lenet": ("liao-mnist", 2)}
+START = time.perf_counter()
+ROUNDS = 15
+STEPS_PER_ROUND = 4
 
 
 def _parse_value(text: str) -> Any:
@@ -67,24 +70,6 @@ def angles(model: nn.Module) -> list[float]:
 
 def fmt(values: Sequence[float]) -> str:
     return "/".join("nan" if math.isnan(v) else f"{v:.0f}" for v in values)
-
-
-def mirror_costs(model: nn.Module, repeats: int = 5) -> tuple[float, float]:
-    """Seconds for one mirror step of every WM layer, and for one plain forward pass of every
-    mirrored layer on its mirror batch (the App. B yardstick)."""
-    layers = [layer for _, layer in asymprop.feedback_layers(model)]
-    rule = layers[0].rule
-    assert isinstance(rule, WM)
-    start = time.perf_counter()
-    asymprop.mirror(model, steps=repeats)
-    per_step = (time.perf_counter() - start) / repeats
-    inputs = [torch.randn(rule.noise_shape(layer)) for layer in layers]
-    start = time.perf_counter()
-    with torch.no_grad():
-        for _ in range(repeats):
-            for layer, x in zip(layers, inputs, strict=True):
-                layer.native_forward(x)
-    return per_step, (time.perf_counter() - start) / repeats
 
 
 def plateau_table(batches: Sequence[int], decays: Sequence[float], seed: int = 0) -> None:
@@ -135,8 +120,6 @@ def run(
         model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
     )
     order = torch.Generator().manual_seed(args.seed)
-    step_times: list[float] = []
-    mirror_times: list[float] = []
     history: list[str] = [f"e0 {fmt(angles(model))}"]
     diverged = ""
     steps = 0
@@ -144,13 +127,11 @@ def run(
         perm = torch.randperm(len(x_train), generator=order)
         for i in range(0, len(x_train) - args.batch_size + 1, args.batch_size):
             idx = perm[i : i + args.batch_size]
-            start = time.perf_counter()
             try:
                 asymprop.train_step(model, optimizer, F.cross_entropy, x_train[idx], y_train[idx])
             except asymprop.DivergenceError as error:
                 diverged = f"diverged at step {steps}: {error}"
                 break
-            step_times.append(time.perf_counter() - start)
             steps += 1
         if diverged:
             break
@@ -164,28 +145,83 @@ def run(
         if not diverged
         else []
     )
-    if rule == "wm" and not diverged:
-        # the engaged part of a WM step is the whole step minus its mirror steps, timed here
-        per_mirror, per_forward = mirror_costs(model)
-        mirror_times = [per_mirror * model_rule(model).mirror_steps, per_forward]
     return {
         "model": model_name,
         "rule": rule,
         "accuracy": accuracy,
         "angles": final_angles,
         "deltas": deltas,
-        "step_ms": 1e3 * statistics.median(step_times[1:]) if len(step_times) > 1 else math.nan,
-        "mirror_ms": [1e3 * t for t in mirror_times],
         "history": history,
         "diverged": diverged,
         "steps": steps,
     }
 
 
-def model_rule(model: nn.Module) -> WM:
-    rule = asymprop.feedback_layers(model)[0][1].rule
-    assert isinstance(rule, WM)
-    return rule
+def timing(
+    model_name: str, rules: Sequence[str], wm_options: dict[str, Any], data: Any, args: Any
+) -> dict[str, dict[str, float]]:
+    """Median wall time per training step of every rule, measured round-robin.
+
+    Each round runs ``STEPS_PER_ROUND`` steps of every rule in turn on the same batch, so a
+    change of machine load hits all rules alike. For ``wm`` it also times one mirror step alone
+    and one plain forward pass of every mirrored layer on its own mirror batch (the yardstick of
+    000 App. B: a mirror step costs that forward, the drive, plus a covariance op of the same
+    size, the weight gradient's, plus drawing the noise).
+    """
+    arch, _ = MODELS[model_name]
+    x_train, y_train = data.train.tensors
+    x, y = x_train[: args.batch_size], y_train[: args.batch_size]
+    runs = {}
+    # "wm-x1": wm with the first layer excluded (left a plain layer): its B would carry the error
+    # to the data, which nothing uses, so training is the same (000 Alg. 1 mirrors B_2..B_L only).
+    for rule in [*rules, *(["wm-x1"] if "wm" in rules else [])]:
+        torch.manual_seed(args.seed)
+        net = build_model(arch, data.input_shape, data.num_classes)
+        first = next(n for n, m in net.named_modules() if isinstance(m, nn.Linear | nn.Conv2d))
+        model = asymprop.convert(
+            net,
+            rule.removesuffix("-x1"),
+            seed=args.seed,
+            exclude=[first] if rule == "wm-x1" else [],
+            **(wm_options if rule.startswith("wm") else {}),
+        )
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+        )
+        for _ in range(3):  # warm-up (and WM's pure-mirror warm-up)
+            asymprop.train_step(model, optimizer, F.cross_entropy, x, y)
+        runs[rule] = (model, optimizer)
+    samples: dict[str, list[float]] = {rule: [] for rule in runs}
+    mirror_alone: list[float] = []
+    forward_alone: list[float] = []
+    for _ in range(ROUNDS):
+        for rule, (model, optimizer) in runs.items():
+            start = time.perf_counter()
+            for _ in range(STEPS_PER_ROUND):
+                asymprop.train_step(model, optimizer, F.cross_entropy, x, y)
+            samples[rule].append((time.perf_counter() - start) / STEPS_PER_ROUND)
+            if rule == "wm":
+                layers = [layer for _, layer in asymprop.feedback_layers(model)]
+                start = time.perf_counter()
+                asymprop.mirror(model, steps=STEPS_PER_ROUND)
+                mirror_alone.append((time.perf_counter() - start) / STEPS_PER_ROUND)
+                inputs = [torch.randn(layer.rule.noise_shape(layer)) for layer in layers]  # type: ignore[attr-defined]
+                start = time.perf_counter()
+                with torch.no_grad():
+                    for _ in range(STEPS_PER_ROUND):
+                        for layer, noise in zip(layers, inputs, strict=True):
+                            layer.native_forward(noise)
+                forward_alone.append((time.perf_counter() - start) / STEPS_PER_ROUND)
+    result = {rule: {"step_ms": 1e3 * statistics.median(v)} for rule, v in samples.items()}
+    if "wm" in result:
+        model = runs["wm"][0]
+        result["wm"]["mirror_ms"] = 1e3 * statistics.median(mirror_alone)
+        result["wm"]["forward_ms"] = 1e3 * statistics.median(forward_alone)
+        result["wm"]["batches"] = "/".join(
+            str(layer.rule.noise_shape(layer)[0])  # type: ignore[attr-defined]
+            for _, layer in asymprop.feedback_layers(model)
+        )
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -218,16 +254,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         flush=True,
     )
     results = []
+    costs: dict[str, dict[str, dict[str, float]]] = {}
+    rules = args.rules.split(",")
     for model_name in args.models.split(","):
-        for rule in args.rules.split(","):
+        for rule in rules:
             options = wm_options if rule == "wm" else {}
             result = run(model_name, rule, options, data, args)
             results.append(result)
             print(
-                f"  {model_name} {rule}: acc {result['accuracy']:.2f} "
-                f"angles by epoch {' | '.join(result['history'])} {result['diverged']}",
+                f"  {model_name} {rule}: acc {result['accuracy']:.2f}, angles(B, W) by epoch "
+                f"{' | '.join(result['history'])} {result['diverged']}",
                 flush=True,
             )
+        costs[model_name] = timing(model_name, rules, wm_options, data, args)
     print()
     print(
         "| model | rule | test acc % | gap to bp | angle(B, W) deg per layer | "
@@ -235,23 +274,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     for result in results:
-        bp = next((r for r in results if r["model"] == result["model"] and r["rule"] == "bp"), None)
+        name, rule = result["model"], result["rule"]
+        bp = next((r for r in results if r["model"] == name and r["rule"] == "bp"), None)
         gap = result["accuracy"] - bp["accuracy"] if bp else math.nan
-        ratio = result["step_ms"] / bp["step_ms"] if bp else math.nan
+        step = costs[name][rule]["step_ms"]
+        ratio = step / costs[name]["bp"]["step_ms"] if "bp" in costs[name] else math.nan
         print(
-            f"| {result['model']} | {result['rule']} | {result['accuracy']:.2f} | {gap:+.2f} | "
-            f"{fmt(result['angles'])} | {fmt(result['deltas'])} | {result['step_ms']:.1f} | "
-            f"{ratio:.2f} |"
+            f"| {name} | {rule} | {result['accuracy']:.2f} | {gap:+.2f} | "
+            f"{fmt(result['angles'])} | {fmt(result['deltas'])} | {step:.1f} | {ratio:.2f} |"
         )
-    for result in results:
-        if result["mirror_ms"]:
-            mirror, forward = result["mirror_ms"]
+    for name, cost in costs.items():
+        if "wm-x1" in cost:
             print(
-                f"\nwm on {result['model']}: mirror steps {mirror:.1f} ms per engaged step, "
-                f"engaged part {result['step_ms'] - mirror:.1f} ms; one forward pass of every "
-                f"mirrored layer on a mirror batch {forward:.1f} ms (000 App. B: mirror step ~ "
-                "drive forward + covariance, i.e. about 2 such passes)"
+                f"| {name} | wm, first layer excluded | (same training) | | | | "
+                f"{cost['wm-x1']['step_ms']:.1f} | "
+                f"{cost['wm-x1']['step_ms'] / cost['bp']['step_ms']:.2f} |"
             )
+    for name, cost in costs.items():
+        if "wm" in cost:
+            wm = cost["wm"]
+            print(
+                f"\nwm on {name} (mirror batches per layer {wm['batches']}): one mirror step "
+                f"{wm['mirror_ms']:.1f} ms = {wm['mirror_ms'] / wm['forward_ms']:.1f} x one plain "
+                f"forward pass of every mirrored layer on its mirror batch ({wm['forward_ms']:.1f}"
+                " ms); 000 App. B expects about 2 (the drive and a covariance op of the same "
+                "size) plus drawing the noise."
+            )
+    print(f"\nwall time {time.perf_counter() - START:.0f} s")
 
 
 if __name__ == "__main__":
