@@ -26,6 +26,7 @@ from .data import list_datasets
 from .mirror import WM
 from .models import list_models
 from .optim import OPTIMIZERS
+from .records import parse_scalar
 from .rules import RULES, make_rule
 
 __all__ = [
@@ -253,19 +254,10 @@ def _coerce(value: Any, hint: Any) -> Any:
     if typing.get_origin(hint) is not list:
         return value
     if isinstance(value, str):
-        return [_scalar(part.strip()) for part in value.split(",") if part.strip()]
+        return [parse_scalar(part.strip()) for part in value.split(",") if part.strip()]
     if not isinstance(value, list | tuple):
         return [value]
     return list(value)
-
-
-def _scalar(text: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def _matches(value: Any, hint: Any) -> bool:

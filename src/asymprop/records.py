@@ -90,8 +90,8 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _parse(text: str) -> Any:
-    """A CSV cell back to int, float or str."""
+def parse_scalar(text: str) -> Any:
+    """A CSV cell or command-line value back to int, float or str."""
     for kind in (int, float):
         try:
             return kind(text)
@@ -144,7 +144,8 @@ def read_csv(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Rows of a CSV file as dicts; numbers parsed (``nan`` is ``float('nan')``)."""
     with Path(path).open(newline="") as stream:
         return [
-            {key: _parse(value) for key, value in row.items()} for row in csv.DictReader(stream)
+            {key: parse_scalar(value) for key, value in row.items()}
+            for row in csv.DictReader(stream)
         ]
 
 

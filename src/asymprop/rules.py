@@ -382,9 +382,20 @@ def _flip_signs(
     return torch.where(u < flip, -1.0, 1.0)
 
 
+@dataclass(frozen=True)
+class _RandomMagnitudeSign(FeedbackRule):
+    """``B = M o sign(W) o S_p``: the options and checks brSF and frSF share."""
+
+    flip: float = 0.0
+    scale: Scale = "none"
+
+    def validate(self) -> None:
+        _check_range(self, "flip", 0.0, 1.0)
+
+
 @register_rule
 @dataclass(frozen=True)
-class BrSF(FeedbackRule):
+class BrSF(_RandomMagnitudeSign):
     """Batchwise random-magnitude sign-concordant feedback: ``B = M o sign(W) o S_p``.
 
     ``M ~ U[0, 1]`` (and ``S_p``, -1 with probability ``flip``) are redrawn after each update of
@@ -400,11 +411,6 @@ class BrSF(FeedbackRule):
     """
 
     name = "brsf"
-    flip: float = 0.0
-    scale: Scale = "none"
-
-    def validate(self) -> None:
-        _check_range(self, "flip", 0.0, 1.0)
 
     def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
         layer.seed_feedback_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
@@ -427,7 +433,7 @@ class BrSF(FeedbackRule):
 
 @register_rule
 @dataclass(frozen=True)
-class FrSF(FeedbackRule):
+class FrSF(_RandomMagnitudeSign):
     """Fixed random-magnitude sign-concordant feedback: ``B = M o sign(W) o S_p``.
 
     ``M ~ U[0, 1]`` and ``S_p`` are drawn once (stored together as the buffer
@@ -442,11 +448,6 @@ class FrSF(FeedbackRule):
     """
 
     name = "frsf"
-    flip: float = 0.0
-    scale: Scale = "none"
-
-    def validate(self) -> None:
-        _check_range(self, "flip", 0.0, 1.0)
 
     def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
         weight = layer.weight.detach()
