@@ -607,3 +607,18 @@ def test_wm_stability_in_a_small_cnn_on_fashion_mnist() -> None:
     assert accuracy("wm", decay=0.05) < 0.5
     assert accuracy(_NoiseFreeMirror(decay=0.05)) < 0.5
     assert accuracy("wm") > 0.78
+
+
+def test_wm_in_a_residual_net_with_batch_norm() -> None:
+    """Stride-2, grouped and 1x1 shortcut convs between BN layers: train_step warms every B up
+    (from ~90 degrees) before the first engaged pass and training stays finite."""
+    from conftest import small_resnet
+
+    torch.manual_seed(0)
+    model = asymprop.convert(small_resnet(), "wm", seed=0)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(3):
+        assert math.isfinite(asymprop.train_step(model, optimizer, F.cross_entropy, x, y))
+    angles = [a["angle_deg"] for a in asymprop.alignment(model).values()]
+    assert max(angles) < 40, angles

@@ -168,7 +168,7 @@ class WM(FeedbackRule):
         if self.mirror_batch is not None and self.mirror_batch < 2:
             raise ValueError(
                 f"rule {self.name!r} option mirror_batch={self.mirror_batch!r} must be >= 2 "
-                "(batch means are subtracted) or None (the last forward pass's batch size)"
+                "(batch means are subtracted) or None (chosen per layer: 2 fan_in pairs per weight)"
             )
         _check_range(self, "mirror_steps", 0, float("inf"))
         _check_range(self, "warmup_steps", 0, float("inf"))
