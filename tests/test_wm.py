@@ -530,7 +530,8 @@ def test_delta_alignment_of_kp_and_wm_far_below_fa_on_fashion_mnist(arch: str) -
     """Fashion-MNIST, 1 epoch of the 60000 training images, SGD lr 0.01, momentum 0.9, weight
     decay 1e-2 (KP's B - W shrinks by exp(-lr decay steps / (1 - momentum)) = exp(-0.94)),
     batch 64, default options; delta angles on 2000 test images. Measured (degrees per layer,
-    input layer first): see MEASURED below."""
+    input layer first): mlp: fa 90/50/53, kp 16/18/20, wm 24/24/26; cnn: fa 90/90/86/43,
+    kp 17/20/15/21, wm 19/31/26/27."""
     build = _fashion_mlp if arch == "mlp" else _fashion_cnn
     data = _fashion(60000)
     deltas = {
