@@ -250,3 +250,14 @@ def test_kp_angle_falls_below_5_degrees_on_digits() -> None:
     with torch.no_grad():
         accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
     assert accuracy > 0.9
+
+
+def test_optimizer_built_before_convert_is_refused() -> None:
+    torch.manual_seed(0)
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # holds W, not the B made below
+    model = asymprop.convert(model, "kp", seed=0)
+    with pytest.raises(RuntimeError, match="build the optimizer after"):
+        asymprop.train_step(
+            model, optimizer, F.cross_entropy, torch.randn(4, 10), torch.zeros(4).long()
+        )

@@ -510,3 +510,19 @@ class KP(FeedbackRule):
 
     def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
         return FA(init=self.init, gain=self.gain).initial_feedback(layer, generator)
+
+    def before_forward(self, step: StepContext) -> None:
+        # An optimizer built before convert() does not hold B: KP would silently become FA.
+        held = {id(p) for group in step.optimizer.param_groups for p in group["params"]}
+        missing = [
+            n
+            for n, layer in step.layers
+            if layer.rule is self and id(layer.feedback_weight) not in held
+        ]
+        if missing:
+            raise RuntimeError(
+                f"rule 'kp' trains B with the optimizer, but the optimizer does not hold the "
+                f"feedback weight of {missing[0]!r}: build the optimizer after "
+                "asymprop.convert(model, 'kp'), from model.parameters() (or "
+                "asymprop.param_groups(model, ...))"
+            )
