@@ -136,6 +136,16 @@ def test_train_size_subset_is_seeded():
         load_dataset("digits", train_size=0)
 
 
+def test_test_size_keeps_the_first_test_examples():
+    full = load_dataset("digits", seed=3)
+    small = load_dataset("digits", seed=3, test_size=50, train_size=100)
+    assert len(small.train) == 100
+    for a, b in zip(small.test.tensors, full.test.tensors, strict=True):
+        assert torch.equal(a, b[:50])
+    with pytest.raises(ValueError, match=r"test_size=0 .*1\.\.%d" % len(full.test)):
+        load_dataset("digits", test_size=0)
+
+
 def test_mnist1d_generated_locally_without_touching_global_rng():
     data._mnist1d_arrays.cache_clear()
     np.random.seed(123)

@@ -158,6 +158,14 @@ def _common(parser: argparse.ArgumentParser, *, one_run: bool) -> None:
         metavar="N",
         help="train on N examples drawn by the seed (default: all)",
     )
+    parser.add_argument(
+        "--test-size",
+        dest="test_size",
+        type=int,
+        default=s,
+        metavar="N",
+        help="score on the first N test examples (default: all)",
+    )
     parser.add_argument("--epochs", type=int, default=s, metavar="N")
     parser.add_argument("--batch-size", dest="batch_size", type=int, default=s, metavar="B")
     parser.add_argument("--lr", type=float, default=s, metavar="LR", help="learning rate")
@@ -319,6 +327,7 @@ _FLAGS_SHARED = (
     "data_dir",
     "download",
     "train_size",
+    "test_size",
     "epochs",
     "batch_size",
     "lr",

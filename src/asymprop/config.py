@@ -132,7 +132,8 @@ class RunConfig:
             keyword options (``widths: [128, 128]``, ``batchnorm: true``,
             ``bn_position: after``).
         data: a name from ``asymprop.data.list_datasets()``; data_dir, download: where to find
-            or fetch its files; train_size: keep this many training examples (None: all).
+            or fetch its files; train_size: keep this many training examples (None: all);
+            test_size: score on the first this many test examples (None: all).
         epochs, batch_size: passes over the training set, examples per step (the global batch:
             under torchrun each of N processes trains on ``batch_size / N`` of them).
         optimizer: one of ``asymprop.optim.OPTIMIZERS`` (``nesterov``: SGD with Nesterov
@@ -178,6 +179,7 @@ class RunConfig:
     data_dir: str | None = None
     download: bool = False
     train_size: int | None = None
+    test_size: int | None = None
     epochs: int = 10
     batch_size: int = 32
     optimizer: str = "adam"
@@ -325,7 +327,7 @@ def check_config(config: RunConfig, world_size: int = 1) -> None:
     for name in ("epochs", "batch_size", "align_batch_size", "check_every_steps"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
-    for name in ("train_size", "lr_reference_batch", "checkpoint_every_steps"):
+    for name in ("train_size", "test_size", "lr_reference_batch", "checkpoint_every_steps"):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be >= 1 (or null), got {value}")

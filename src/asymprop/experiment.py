@@ -235,7 +235,7 @@ def _autocast(run: Run) -> contextlib.AbstractContextManager[Any]:
 
 def load_data(config: RunConfig, normalize: bool, cache: DataCache | None = None) -> Dataset:
     """The run's dataset (from ``cache`` when already loaded)."""
-    key = (config.data, config.data_dir, config.train_size, normalize)
+    key = (config.data, config.data_dir, config.train_size, config.test_size, normalize)
     if cache is not None and key in cache:
         return cache[key]
     dataset = load_dataset(
@@ -244,6 +244,7 @@ def load_data(config: RunConfig, normalize: bool, cache: DataCache | None = None
         download=config.download,
         seed=DATA_SPLIT_SEED,
         train_size=config.train_size,
+        test_size=config.test_size,
         normalize=normalize,
     )
     if cache is not None:

@@ -287,23 +287,26 @@ class WM(FeedbackRule):
         weight = layer.weight.detach()
         shape = self.noise_shape(layer)
         generator = layer.feedback_generator(weight.device)
-        noise = torch.randn(shape, generator=generator, device=weight.device, dtype=weight.dtype)
-        x = noise * self.noise_std  # y_l - beta: the baseline cancels on the input side
+        x = torch.randn(shape, generator=generator, device=weight.device, dtype=weight.dtype)
+        if self.noise_std != 1.0:
+            x.mul_(self.noise_std)  # y_l - beta: the baseline cancels on the input side
         if isinstance(layer, FeedbackConv2d):
             x, mask, padding = _explicit_padding(layer, x)
             drive = F.conv2d(x, weight, None, layer.stride, padding, layer.dilation, layer.groups)
         else:
             drive = F.linear(x, weight)  # (N, ..., out): bias blocked
         if self.baseline is not None:
-            drive = drive + self.baseline  # the default bias b- with phi(b-) = beta
-        out = F.relu(drive) if self.nonlinearity == "relu" else drive
+            drive.add_(self.baseline)  # the default bias b- with phi(b-) = beta
+        out = drive.relu_() if self.nonlinearity == "relu" else drive
         if self.baseline is None:
-            # Batch means per unit (per position for conv); unbiased covariance: / (N - 1).
-            x = x - x.mean(0, keepdim=True)
-            out = out - out.mean(0, keepdim=True)
+            # Batch means per unit (per position for conv); unbiased covariance: / (N - 1). Only
+            # the output is centred: its deviations sum to zero over the batch, so the input's
+            # batch mean cancels from sum_n (out_n - mean) (x_n - mean) exactly (one pass less
+            # over the largest tensor).
+            out.sub_(out.mean(0, keepdim=True))
             samples = shape[0] - 1
         else:
-            out = out - self.baseline
+            out.sub_(self.baseline)
             samples = shape[0]
         if isinstance(layer, FeedbackConv2d):
             covariance = _conv_covariance(layer, x, mask, out, padding, samples)
@@ -387,7 +390,7 @@ def _covariance(layer: FeedbackLayer, x: Tensor, out: Tensor, samples: int) -> T
     x2 = x.reshape(-1, x.shape[-1])  # (N * positions, in)
     out2 = out.reshape(-1, out.shape[-1])  # (N * positions, out)
     positions = x2.shape[0] // x.shape[0]
-    return out2.t() @ x2 / (samples * positions)  # (out, N') @ (N', in) -> (out, in)
+    return (out2.t() @ x2).div_(samples * positions)  # (out, N') @ (N', in) -> (out, in)
 
 
 def _conv_covariance(
@@ -410,7 +413,7 @@ def _conv_covariance(
     kernel = (1, 1, *layer.weight.shape[2:])
     ones_out = torch.ones((1, 1, *out.shape[2:]), dtype=out.dtype, device=out.device)
     pairs = torch.nn.grad.conv2d_weight(mask, kernel, ones_out, *args)[0, 0]  # (kH, kW)
-    return total / (samples * pairs.clamp_min(1))
+    return total.div_(pairs.clamp_min(1).mul_(samples))
 
 
 def record_input_shapes(model: nn.Module, inputs: Tensor) -> None:

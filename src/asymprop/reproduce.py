@@ -13,7 +13,10 @@ over seeds) and its figures (PNG, also copied to ``docs/figures/`` for a full ru
 | --- | --- | --- |
 | ``akrout-fashion-mnist`` | 001 panels a-f | test error and B/delta angles of BP, FA, SS, WM, KP |
 | ``akrout-fashion-mnist-cnn`` | 001 panels a-f | the same with Liao's MNIST CNN |
+| ``akrout-fashion-mnist-resnet20`` | 001 panels a-f | the same with a 20-layer ResNet |
 | ``liao-digits`` | 002 Tables 2-5, C2 | sign-concordant, random feedback, BN, BM, clamped layers |
+| ``liao-fashion-mnist`` | 002 Tables 2-5, C2 | the same tables on Fashion-MNIST |
+| ``liao-mnist1d`` | 002 Tables 2-5, C2 | the same tables on MNIST-1D |
 | ``lansdell-mlp`` | 004 Fig. 2, 4 | NP vs FA vs BP in a 784-50-20-10 sigmoid MSE net; fixed W |
 | ``lansdell-autoencoder`` | 004 Table 2a, Fig. 3 | the 784-200-2-200-784 autoencoder |
 | ``feedback-convergence`` | 003 eq. 14, 000 eq. 21 | KP's B - W decay, WM's mirror mode: theory |
@@ -882,7 +885,10 @@ def _convergence_figure(
 ITEMS: dict[str, Callable[[str, dict[str, Any], Path], ItemResult]] = {
     "akrout-fashion-mnist": akrout,
     "akrout-fashion-mnist-cnn": akrout,
+    "akrout-fashion-mnist-resnet20": akrout,
     "liao-digits": liao,
+    "liao-fashion-mnist": liao,
+    "liao-mnist1d": liao,
     "lansdell-mlp": lansdell_mlp,
     "lansdell-autoencoder": lansdell_autoencoder,
     "feedback-convergence": feedback_convergence,

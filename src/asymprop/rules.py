@@ -325,12 +325,17 @@ def _buffer(layer: FeedbackLayer, name: str) -> Tensor:
 
 
 def _apply_scale(rule_scale: str, layer: FeedbackLayer, feedback: Tensor) -> Tensor:
-    """Rescale a sign-rule B: as defined (none), / fan_in (NuSF), or to ``||W||_F`` per layer."""
+    """Rescale a sign-rule B in place: as defined (none), / fan_in (NuSF), or to ``||W||_F``.
+
+    In place and without a host sync (the update runs every step on every layer): a zero B
+    stays zero under ``norm``.
+    """
     if rule_scale == "fan_in":
-        return feedback / layer.fan_in
-    if rule_scale == "norm":
-        norm = feedback.norm()
-        return feedback * (layer.weight.norm() / norm) if norm > 0 else feedback
+        feedback.div_(layer.fan_in)
+    elif rule_scale == "norm":
+        norm = torch.linalg.vector_norm(feedback)
+        tiny = torch.finfo(feedback.dtype).tiny
+        feedback.mul_(torch.linalg.vector_norm(layer.weight.detach()) / norm.clamp_min(tiny))
     return feedback
 
 
@@ -356,7 +361,8 @@ class USF(FeedbackRule):
         return _apply_scale(self.scale, layer, torch.sign(layer.weight.detach()))
 
     def update_layer(self, layer: FeedbackLayer) -> None:
-        layer.feedback_weight.copy_(_apply_scale(self.scale, layer, torch.sign(layer.weight)))
+        feedback = layer.feedback_weight
+        _apply_scale(self.scale, layer, torch.sign(layer.weight.detach(), out=feedback))
 
 
 @register_rule
@@ -422,13 +428,15 @@ class BrSF(_RandomMagnitudeSign):
             self.update_layer(layer)
 
     def update_layer(self, layer: FeedbackLayer) -> None:
-        weight = layer.weight
+        # M is drawn straight into B (no temporaries: the redraw runs on every layer every step)
+        weight = layer.weight.detach()
         generator = layer.feedback_generator()
-        magnitude = torch.rand(weight.shape, generator=generator, device=weight.device)
+        feedback = layer.feedback_weight
+        feedback.uniform_(0.0, 1.0, generator=generator)
         if self.flip > 0:
-            magnitude *= _flip_signs(weight.shape, self.flip, generator, weight.device)
-        feedback = magnitude.to(weight.dtype) * torch.sign(weight)
-        layer.feedback_weight.copy_(_apply_scale(self.scale, layer, feedback))
+            feedback.mul_(_flip_signs(weight.shape, self.flip, generator, weight.device))
+        feedback.mul_(torch.sign(weight))
+        _apply_scale(self.scale, layer, feedback)
 
 
 @register_rule
@@ -462,8 +470,8 @@ class FrSF(_RandomMagnitudeSign):
         )
 
     def update_layer(self, layer: FeedbackLayer) -> None:
-        feedback = _buffer(layer, "feedback_magnitude") * torch.sign(layer.weight)
-        layer.feedback_weight.copy_(_apply_scale(self.scale, layer, feedback))
+        feedback = torch.sign(layer.weight.detach(), out=layer.feedback_weight)
+        _apply_scale(self.scale, layer, feedback.mul_(_buffer(layer, "feedback_magnitude")))
 
 
 # ---------------------------------------------------------------------------------------------
