@@ -142,7 +142,7 @@ def test_test_size_keeps_the_first_test_examples():
     assert len(small.train) == 100
     for a, b in zip(small.test.tensors, full.test.tensors, strict=True):
         assert torch.equal(a, b[:50])
-    with pytest.raises(ValueError, match=r"test_size=0 .*1\.\.%d" % len(full.test)):
+    with pytest.raises(ValueError, match=rf"test_size=0 .*1\.\.{len(full.test)}"):
         load_dataset("digits", test_size=0)
 
 

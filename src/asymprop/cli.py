@@ -316,6 +316,9 @@ def _build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("items", nargs="*", metavar="NAME", help="items (default: all)")
     reproduce.add_argument("--quick", action="store_true", help="a reduced version of each")
     reproduce.add_argument("--out", default="runs/reproduce", metavar="DIR")
+    reproduce.add_argument(
+        "--reuse", action="store_true", help="read back finished runs with the same settings"
+    )
     return parser
 
 
@@ -669,7 +672,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from .reproduce import main as reproduce_main  # matplotlib and the suite only when asked
 
-    argv = ["--out", args.out, *(["--quick"] if args.quick else [])]
+    argv = [
+        "--out",
+        args.out,
+        *(["--quick"] if args.quick else []),
+        *(["--reuse"] if args.reuse else []),
+    ]
     return reproduce_main([*argv, *(["--only", *args.items] if args.items else [])])
 
 

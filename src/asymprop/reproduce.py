@@ -3,6 +3,7 @@
     python -m asymprop.reproduce                      # every item, as in docs/REPRODUCTION.md
     python -m asymprop.reproduce --quick              # a reduced version of every item
     python -m asymprop.reproduce --only liao-digits   # one item
+    python -m asymprop.reproduce --reuse              # train only the runs not yet finished
 
 Each item reads ``experiments/<item>.yaml`` (its ``quick:`` section overrides the rest under
 ``--quick``), trains its runs one after another on one thread each, and writes to
@@ -44,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import config_from_dict
 from .convert import convert, feedback_layers
 from .data import load_dataset
 from .experiment import DataCache, RunConfig, prepare, train
@@ -51,7 +53,7 @@ from .metrics import alignment, delta_alignment
 from .mirror import mirror
 from .models import build_model
 from .optim import make_optimizer
-from .records import mean_se, read_yaml
+from .records import mean_se, read_csv, read_yaml
 from .train import DivergenceError, train_step
 
 __all__ = [
@@ -145,19 +147,41 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def finished_rows(config: RunConfig) -> list[dict[str, Any]] | None:
+    """The ``metrics.csv`` rows of a finished run of exactly ``config`` in its directory, or None.
+
+    Finished: ``config.yaml`` there describes the same run (settings added since it was written
+    compare at their defaults) and ``metrics.csv`` reaches the last epoch.
+    """
+    directory = config.run_dir
+    try:
+        stored = config_from_dict(RunConfig, read_yaml(directory / "config.yaml"))
+        rows = read_csv(directory / "metrics.csv")
+    except (OSError, ValueError, TypeError):
+        return None
+    if stored.to_dict() != config.to_dict() or not rows or rows[-1]["epoch"] != config.epochs:
+        return None
+    return rows
+
+
 def _classification_run(
     settings: Mapping[str, Any],
     out: Path,
     cache: DataCache,
     freeze: str | None = None,
+    reuse: bool = False,
 ) -> list[dict[str, Any]]:
     """One :func:`asymprop.experiment.train` run; ``freeze`` clamps layers (Liao's C2).
 
     ``freeze="bottom"``: the last layer keeps its random initial weights and only the layers
     below learn; ``"top"``: only the last layer learns. Clamped parameters are taken out of the
-    optimizer, so they never move, while errors still flow through them.
+    optimizer, so they never move, while errors still flow through them. ``reuse``: return the
+    rows of a finished run of the same settings already in ``out`` (:func:`finished_rows`).
     """
     config = RunConfig(**{**settings, "out": str(out)})
+    if reuse and (rows := finished_rows(config)) is not None:
+        log.info("reusing the finished run in %s", out)
+        return rows
     run = prepare(config, cache)
     if freeze is not None:
         last = {id(p) for p in feedback_layers(run.module)[-1][1].parameters()}
@@ -196,7 +220,12 @@ def akrout(name: str, config: dict[str, Any], out: Path) -> ItemResult:
         for seed in config["seeds"]:
             settings = {**config["run"], "rule": rule, "seed": seed}
             settings["rule_options"] = config.get("rule_options", {}).get(rule, {})
-            run_rows = _classification_run(settings, out / "runs" / f"{rule}-seed{seed}", cache)
+            run_rows = _classification_run(
+                settings,
+                out / "runs" / f"{rule}-seed{seed}",
+                cache,
+                reuse=config.get("reuse", False),
+            )
             curves[(rule, seed)] = run_rows
             last = run_rows[-1]
             rows.append(
@@ -345,7 +374,11 @@ def liao(name: str, config: dict[str, Any], out: Path) -> ItemResult:
                 slug = entry.replace(" ", "-").replace("+", "_").replace("@", "p")
                 try:
                     run_rows = _classification_run(
-                        settings, out / "runs" / f"{slug}-lr{lr}-seed{seed}", cache, spec["freeze"]
+                        settings,
+                        out / "runs" / f"{slug}-lr{lr}-seed{seed}",
+                        cache,
+                        spec["freeze"],
+                        config.get("reuse", False),
                     )
                     error = 1 - run_rows[-1]["test_accuracy"]
                     if not math.isfinite(error):
@@ -897,15 +930,22 @@ ITEMS: dict[str, Callable[[str, dict[str, Any], Path], ItemResult]] = {
 
 
 def run_item(
-    name: str, quick: bool = False, out: str | Path = "runs/reproduce", figures: Path | None = None
+    name: str,
+    quick: bool = False,
+    out: str | Path = "runs/reproduce",
+    figures: Path | None = None,
+    reuse: bool = False,
 ) -> ItemResult:
     """Run one item; write ``results.csv``, ``table.md`` and figures to ``out/<name>/``.
 
-    ``figures``: also copy the figures there (``docs/figures`` for the report).
+    ``figures``: also copy the figures there (``docs/figures`` for the report). ``reuse``: runs
+    of the Akrout and Liao items that already finished with the same settings in ``out`` are
+    read back instead of trained again (adding seeds or table entries trains only the new runs).
     """
     if name not in ITEMS:
         raise ValueError(f"unknown item {name!r}; valid: {', '.join(ITEMS)}")
     config = item_config(name, quick)
+    config["reuse"] = reuse
     directory = Path(out) / name
     directory.mkdir(parents=True, exist_ok=True)
     result = ITEMS[name](name, config, directory)
@@ -932,6 +972,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=list(ITEMS), help="run these items only")
     parser.add_argument("--out", default="runs/reproduce", help="output folder")
     parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="read back runs that already finished with the same settings instead of training "
+        "them again (Akrout and Liao items)",
+    )
+    parser.add_argument(
         "--no-figures",
         action="store_true",
         help="do not copy figures to docs/figures (always so under --quick)",
@@ -941,7 +987,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("asymprop.experiment").setLevel(logging.WARNING)
     figures = None if (args.quick or args.no_figures) else FIGURES
     for name in args.only or list(ITEMS):
-        result = run_item(name, args.quick, args.out, figures)
+        result = run_item(name, args.quick, args.out, figures, args.reuse)
         print(f"## {name} ({result.seconds:.0f} s)\n\n{result.table}\n", flush=True)
     return 0
 
