@@ -275,6 +275,8 @@ def _akrout_error_figure(config: dict[str, Any], curves: dict[Any, Any], path: P
 
 
 def _akrout_angle_figure(config: dict[str, Any], curves: dict[Any, Any], path: Path) -> Path:
+    import matplotlib
+
     rules = [r for r in config["rules"] if r != "bp"]
     fig, axes = _figure(2, len(rules), 2.6, 2.3)
     for col, rule in enumerate(rules):
@@ -286,14 +288,20 @@ def _akrout_angle_figure(config: dict[str, Any], curves: dict[Any, Any], path: P
             ax = axes[row][col]
             layers = [k for k in run[0] if k.startswith(prefix)]
             for i, key in enumerate(layers):
-                ax.plot(epochs, [r[key] for r in run], label=f"layer {i + 1}")
+                colour = matplotlib.colormaps["viridis"](i / max(1, len(layers) - 1))
+                ax.plot(epochs, [r[key] for r in run], label=f"layer {i + 1}", color=colour)
             ax.set_ylim(0, 95)
             ax.set_xlabel("epoch")
             if col == 0:
                 ax.set_ylabel(label)
             if row == 0:
                 ax.set_title(AKROUT_LABELS.get(rule, rule))
-    axes[0][0].legend(fontsize=7)
+    if len(layers) <= 6:
+        axes[0][0].legend(fontsize=7)
+    else:  # a deep network: colour alone says the depth
+        fig.suptitle(
+            f"colour: layer 1 (input, dark) to layer {len(layers)} (output, yellow)", fontsize=8
+        )
     return _save(fig, path)
 
 
