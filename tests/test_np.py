@@ -519,3 +519,28 @@ def test_options_are_validated() -> None:
         convert(nn.Linear(3, 2), "np", fit="lbfgs")
     with pytest.raises(TypeError, match="noise_std"):
         convert(nn.Linear(3, 2), "sg", noise_std=0.1)  # sg has no noise
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        {"stride": 2, "padding": 1},
+        {"padding": 2, "dilation": 2, "groups": 2},
+        {"padding": 1, "padding_mode": "circular"},  # the autograd fallback
+    ],
+)
+def test_conv_sgd_fit_is_the_gradient_of_the_squared_residual(conv: dict) -> None:
+    """One SGD step on B of a conv: B - lr_b d/dB 1/2 ||g(e; B) - t||^2, g the input gradient of
+    the conv with kernel B, against double backward through torch's own conv."""
+    torch.manual_seed(0)
+    layer = convert(nn.Conv2d(4, 6, 3, **conv), "np", seed=0, lr_b=0.01).double()
+    x = torch.randn(3, 4, 9, 9, dtype=torch.float64)
+    e = torch.randn_like(layer.native_forward(x))
+    t = torch.randn_like(x)
+    b = layer.feedback_weight.detach().clone().requires_grad_(True)
+    probe = torch.zeros_like(x, requires_grad=True)
+    (g,) = torch.autograd.grad(layer._conv_forward(probe, b, None), probe, e, create_graph=True)
+    (grad,) = torch.autograd.grad(0.5 * ((g - t) ** 2).sum(), b)
+    expected = b.detach() - 0.01 * grad
+    layer.rule._fit_sgd_conv(layer, e, t, lambda tensor: None)
+    torch.testing.assert_close(layer.feedback_weight, expected, rtol=1e-10, atol=1e-12)

@@ -488,6 +488,28 @@ class RegressionRule(FeedbackRule):
         if not isinstance(layer, nn.Conv2d):
             raise TypeError(f"rule {self.name!r} cannot fit feedback of {type(layer).__name__}")
         feedback = layer.feedback_weight
+        if layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+            # The two products the fit needs, and no more: g = the input gradient of the conv
+            # with kernel B (only the input's shape is read), then the conv's weight gradient
+            # for input r = g - target and output gradient e (the kernel is read for its shape).
+            conv = (
+                None,
+                list(layer.stride),
+                list(layer.padding),
+                list(layer.dilation),
+                False,
+                [0, 0],
+                layer.groups,
+            )
+            e, kernel = regressor.to(feedback.dtype), feedback.detach()
+            t = target.to(feedback.dtype)
+            pred = torch.ops.aten.convolution_backward(e, t, kernel, *conv, [True, False, False])[0]
+            grad = torch.ops.aten.convolution_backward(
+                e, pred.sub_(t), kernel, *conv, [False, True, False]
+            )[1]
+            reduce(grad)
+            feedback.sub_(self.lr_b * grad)
+            return
         kernel = feedback.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             # g is the input gradient of the conv with kernel B (linear in the input, so the
