@@ -872,9 +872,11 @@ def _wm_curve(
     b0 = layer.feedback_weight.detach().clone()
     decay = setting["decay"]
     k = setting["eta_b"] * 1.0**2 * 0.5 / decay  # sigma = 1, ReLU slope 1/2
-    # The plateau set by finite mirror batches (asymprop.mirror.WM): tan^2 = 2 n_in decay /
-    # ((2 - decay) N), reached as the noise accumulates, (1 - (1 - decay)^(2t)).
-    tan2_floor = 2 * w.shape[1] * decay / ((2 - decay) * settings["mirror_batch"])
+    # The plateau set by finite mirror batches (asymprop.mirror.WM): tan^2 = c n_in decay /
+    # ((2 - decay) N), c = 2 - 2/pi for a ReLU drive with batch means subtracted, reached as the
+    # noise accumulates, (1 - (1 - decay)^(2t)).
+    c = 2 - 2 / math.pi
+    tan2_floor = c * w.shape[1] * decay / ((2 - decay) * settings["mirror_batch"])
     unit = w / w.norm()
     curve = []
     for step in range(settings["steps"] + 1):
