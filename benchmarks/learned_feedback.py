@@ -35,6 +35,7 @@ import asymprop
 from asymprop.data import load_dataset
 from asymprop.mirror import WM
 from asymprop.models import build_model
+from asymprop.records import parse_scalar
 
 MODELS = {"mlp": ("mlp", 3), "lenet": ("liao-mnist", 2)}
 START = time.perf_counter()
@@ -43,14 +44,8 @@ STEPS_PER_ROUND = 4
 
 
 def _parse_value(text: str) -> Any:
-    if text == "None":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+    """A ``--wm key=value`` value: ``None``, or as :func:`asymprop.records.parse_scalar`."""
+    return None if text == "None" else parse_scalar(text)
 
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch: int = 2000) -> float:

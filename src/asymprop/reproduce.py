@@ -109,6 +109,23 @@ def _fmt(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
     return text if not math.isfinite(se) else f"{text} ± {se * scale:.{digits}f}"
 
 
+def _seed_table(
+    headers: Sequence[str],
+    rows: Sequence[Mapping[str, Any]],
+    key: str,
+    groups: Sequence[tuple[str, Any]],
+    columns: Sequence[tuple[str, float, int]],
+) -> str:
+    """Markdown, one line per ``(label, value)`` of ``groups``: the rows whose ``key`` is
+    ``value``, each column ``(field, scale, digits)`` as mean ± s.e. over them (:func:`_fmt`)."""
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    for label, value in groups:
+        mine = [r for r in rows if r[key] == value]
+        cells = [_fmt([r[field] for r in mine], scale, digits) for field, scale, digits in columns]
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    return "\n".join(lines)
+
+
 def _write_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     columns: list[str] = []
@@ -239,23 +256,18 @@ def akrout(name: str, config: dict[str, Any], out: Path) -> ItemResult:
                 }
             )
             log.info("%s %s seed %d: %s", name, rule, seed, rows[-1])
-    lines = [
-        "| rule | test error (%) | angle B,W (deg) | delta angle (deg) | seconds/run |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for rule in config["rules"]:
-        mine = [r for r in rows if r["rule"] == rule]
-        lines.append(
-            f"| {AKROUT_LABELS.get(rule, rule)} | {_fmt([r['test_error'] for r in mine], 100)} "
-            f"| {_fmt([r['angle_deg'] for r in mine])} "
-            f"| {_fmt([r['delta_angle_deg'] for r in mine])} "
-            f"| {_fmt([r['seconds'] for r in mine], 1, 0)} |"
-        )
+    table = _seed_table(
+        ["rule", "test error (%)", "angle B,W (deg)", "delta angle (deg)", "seconds/run"],
+        rows,
+        "rule",
+        [(AKROUT_LABELS.get(rule, rule), rule) for rule in config["rules"]],
+        [("test_error", 100, 1), ("angle_deg", 1, 1), ("delta_angle_deg", 1, 1), ("seconds", 1, 0)],
+    )
     figures = [
         _akrout_error_figure(config, curves, out / f"{name}-error.png"),
         _akrout_angle_figure(config, curves, out / f"{name}-angles.png"),
     ]
-    return ItemResult(name, "\n".join(lines), figures, rows, time.perf_counter() - started)
+    return ItemResult(name, table, figures, rows, time.perf_counter() - started)
 
 
 def _akrout_error_figure(config: dict[str, Any], curves: dict[Any, Any], path: Path) -> Path:
@@ -715,18 +727,15 @@ def lansdell_autoencoder(name: str, config: dict[str, Any], out: Path) -> ItemRe
                 )
                 models.setdefault(label, model)
                 log.info("%s %s seed %d: %s", name, label, seed, rows[-1])
-    lines = [
-        "| method | test loss (sum of squares per image) | train loss |",
-        "| --- | --- | --- |",
-    ]
-    for label in config["methods"]:
-        mine = [r for r in rows if r["method"] == label]
-        lines.append(
-            f"| {label} | {_fmt([r['test_loss'] for r in mine])} "
-            f"| {_fmt([r['train_loss'] for r in mine])} |"
-        )
+    table = _seed_table(
+        ["method", "test loss (sum of squares per image)", "train loss"],
+        rows,
+        "method",
+        [(label, label) for label in config["methods"]],
+        [("test_loss", 1, 1), ("train_loss", 1, 1)],
+    )
     figures = [_ae_figure(models, x_test, y_test, out / f"{name}.png")]
-    return ItemResult(name, "\n".join(lines), figures, rows, time.perf_counter() - started)
+    return ItemResult(name, table, figures, rows, time.perf_counter() - started)
 
 
 def _ae_train(
