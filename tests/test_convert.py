@@ -116,21 +116,15 @@ def test_callable_chooses_rules_per_layer() -> None:
 
 
 def test_subclasses_are_not_converted_and_are_named(caplog: pytest.LogCaptureFixture) -> None:
-    class Attention(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-            self.head = nn.Linear(8, 3)
+    class MyLinear(nn.Linear):
+        pass
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.attn(x, x, x)[0])
-
-    model = Attention()
+    model = nn.Sequential(MyLinear(8, 8), nn.ReLU(), nn.Linear(8, 3))
     with caplog.at_level(logging.WARNING, logger="asymprop.convert"):
         convert(model, "fa", seed=0)
-    assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
-    assert "attn.out_proj" in caplog.text
-    assert isinstance(model.head, FeedbackLinear)
+    assert type(model[0]) is MyLinear
+    assert "0.weight (subclass MyLinear of Linear" in caplog.text
+    assert isinstance(model[2], FeedbackLinear)
     model(torch.randn(2, 4, 8)).sum().backward()
 
 
@@ -236,7 +230,7 @@ def test_ill_typed_or_out_of_range_options(rule, options, error, pattern) -> Non
 
 def test_no_convertible_layer() -> None:
     with pytest.raises(
-        ValueError, match=r"no nn\.Linear or nn\.Conv2d layer to convert in Sequential"
+        ValueError, match=r"no layer to convert in Sequential: asymprop converts nn\.Linear"
     ):
         convert(nn.Sequential(nn.ReLU(), nn.Flatten()), "fa")
     with pytest.raises(ValueError, match=r"after exclude=\['\*'\]"):

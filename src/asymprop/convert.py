@@ -9,10 +9,14 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeAlias
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .layers import (
+    FeedbackContainer,
     FeedbackLayer,
+    attach_rule,
+    container_converter,
+    feedback_type,
     is_feedback_layer,
     make_feedback_layer,
     make_plain_layer,
@@ -20,13 +24,11 @@ from .layers import (
 )
 from .rules import FeedbackRule, make_rule
 
-__all__ = ["convert", "exact_backprop", "feedback_layers", "revert", "unwrap"]
+__all__ = ["audit", "convert", "exact_backprop", "feedback_layers", "revert", "unwrap"]
 
 logger = logging.getLogger(__name__)
 
 RuleChoice: TypeAlias = "str | FeedbackRule | Callable[[str, nn.Module], str | FeedbackRule | None]"
-
-_CONVERTIBLE = (nn.Linear, nn.Conv2d)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -51,15 +53,21 @@ def convert(
     *,
     exclude: Iterable[str] = (),
     seed: int | None = None,
+    strict: bool = False,
     **options: Any,
 ) -> nn.Module:
-    """Replace every ``nn.Linear`` and ``nn.Conv2d`` in ``module`` with a feedback layer.
+    """Give every weight-bearing layer of ``module`` a feedback path.
 
-    The new layers compute the same forward pass with the *same* ``weight``/``bias`` Parameter
-    objects (an optimizer built before or after conversion works), and add ``feedback_weight``
-    (B, W's shape). A layer used at several places stays one layer. Only exact ``nn.Linear`` and
-    ``nn.Conv2d`` are swapped: subclasses (e.g. ``nn.MultiheadAttention``'s ``out_proj``, whose
-    ``forward`` is never called) stay exact backprop, and are named in a log message.
+    Every exact instance of a registered layer kind is swapped for a feedback layer
+    (``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``, and what
+    :func:`asymprop.register_layer` added), and every registered multi-weight module
+    (``nn.MultiheadAttention``, ``nn.RNN/LSTM/GRU``) gets one feedback layer per weight matrix.
+    The new layers compute the same forward pass with the *same* Parameter objects (an optimizer
+    built before or after conversion works, ``state_dict`` keys of the weights are unchanged),
+    and add ``feedback_weight`` (B, W's shape). A layer used at several places stays one layer.
+    Subclasses of registered types are not swapped (their ``forward`` may be bypassed). One log
+    line (logger ``asymprop.convert``, level INFO; WARNING when something is left) says how
+    many layers now carry feedback and names every weight still on backprop (:func:`audit`).
 
     Args:
         module: any module tree (Sequential, nested blocks, residual nets, weight sharing), or a
@@ -70,6 +78,8 @@ def convert(
         exclude: fnmatch patterns of qualified names that stay exact backprop (plain layers).
         seed: seeds the draws of random feedback (B, M, random streams). ``None`` draws a seed
             from torch's global generator, so ``torch.manual_seed`` makes conversion repeatable.
+        strict: raise if any weight is left on exact backprop for a reason other than the
+            user's choice (``exclude``, a callable returning None, rule ``bp``).
         **options: options of the rule (e.g. ``flip=0.25`` for ``brsf``).
 
     Returns:
@@ -77,7 +87,8 @@ def convert(
 
     Raises:
         ValueError: unknown rule (lists the valid names), option out of range, no convertible
-            layer, or a model that is already converted.
+            layer, a model that is already converted, or (``strict``) weights left on backprop
+            (named, with the reason).
         TypeError: unknown or ill-typed option (names it and the valid ones).
 
     Example:
@@ -100,42 +111,197 @@ def convert(
         )
 
     converted: dict[int, nn.Module] = {}  # id(original) -> its replacement (weight sharing)
-    skipped: list[str] = []
+    layers = 0
+
+    def excluded(name: str, child: nn.Module) -> bool:
+        pattern = next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+        if pattern is not None:
+            child._asymprop_excluded = f"excluded by pattern {pattern!r}"
+        return pattern is not None
+
+    def attach(name: str, layer: FeedbackLayer, chosen: FeedbackRule) -> None:
+        nonlocal layers
+        attach_rule(layer, chosen)
+        with torch.no_grad():
+            chosen.init_feedback(layer, generator)
+        layers += 1
 
     def replacement(name: str, child: nn.Module) -> nn.Module | None:
         if id(child) in converted:
             return converted[id(child)]
-        if type(child) not in _CONVERTIBLE:
-            if isinstance(child, _CONVERTIBLE):
-                skipped.append(f"{name} ({type(child).__name__})")
+        if feedback_type(child) is not None:
+            if excluded(name, child):
+                return None
+            chosen = choose(name, child)
+            if chosen is None:
+                child._asymprop_excluded = "the rule callable returned None"
+                return None
+            layer = make_feedback_layer(child, chosen)
+            attach(name, layer, chosen)
+            converted[id(child)] = layer
+            return layer
+        converter = container_converter(child)
+        if converter is None:
             return None
-        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+
+        def make_site(relative: str, site: FeedbackLayer) -> bool:
+            full = f"{name}.{relative}" if name else relative
+            if excluded(full, site):
+                return False
+            chosen = choose(full, site)
+            if chosen is None:
+                site._asymprop_excluded = "the rule callable returned None"
+                return False
+            attach(full, site, chosen)
+            return True
+
+        if excluded(name, child):
             return None
-        chosen = choose(name, child)
-        if chosen is None:
-            return None
-        layer = make_feedback_layer(child, chosen)
-        with torch.no_grad():
-            chosen.init_feedback(layer, generator)
-        converted[id(child)] = layer
-        return layer
+        new = converter(child, make_site)
+        converted[id(child)] = new
+        return new
 
     root = replacement("", module)
     if root is None:
         _convert_children(module, "", replacement, set())
-    if not converted:
+    result = root if root is not None else module
+    left = audit(result)
+    if not layers:
         reason = f" after exclude={patterns}" if patterns else ""
-        extra = f" (subclasses left alone: {', '.join(skipped)})" if skipped else ""
         raise ValueError(
-            f"no nn.Linear or nn.Conv2d layer to convert in {type(module).__name__}{reason}"
-            f"{extra}; asymprop converts exact nn.Linear and nn.Conv2d modules"
+            f"no layer to convert in {type(module).__name__}{reason}: asymprop converts "
+            f"{_kinds()} and types added with asymprop.register_layer"
+            + (f" (left on backprop: {_listing(left)})" if left else "")
         )
-    if skipped:
-        logger.warning(
-            "left as exact backprop (subclasses of Linear/Conv2d are not converted): %s",
-            ", ".join(skipped),
+    failures = {n: r for n, r in left.items() if not _chosen(r)}
+    if strict and failures:
+        raise ValueError(
+            f"convert(strict=True): {len(failures)} weight(s) left on exact backprop: "
+            f"{_listing(failures)}"
         )
-    return root if root is not None else module
+    feedback = sum(1 for _ in _unique_feedback_weights(result))
+    summary = (
+        f"asymprop.convert: {layers} layer(s), {feedback} weight(s) carry feedback; "
+        f"left on backprop: {_listing(left) if left else 'none'}"
+    )
+    logger.log(logging.WARNING if failures else logging.INFO, summary)
+    return result
+
+
+def _chosen(reason: str) -> bool:
+    """True for weight transport the user asked for (exclude, callable None, rule bp)."""
+    return reason.startswith(("excluded by pattern", "the rule callable", "rule 'bp'"))
+
+
+def _listing(left: dict[str, str]) -> str:
+    return "; ".join(f"{name} ({reason})" for name, reason in left.items())
+
+
+def _kinds() -> str:
+    from .layers import _CONTAINERS, _FEEDBACK_TYPES
+
+    names = [f"nn.{t.__name__}" if t.__module__.startswith("torch") else t.__name__ for t in (*_FEEDBACK_TYPES, *_CONTAINERS)]
+    return ", ".join(names)
+
+
+def _unique_feedback_weights(model: nn.Module) -> Iterator[FeedbackLayer]:
+    seen: set[int] = set()
+    for _, layer in feedback_layers(model):
+        if id(layer) not in seen:
+            seen.add(id(layer))
+            yield layer
+
+
+#: Module types whose ≥2-D parameters carry no weight transport: no error flows to an
+#: embedding's integer input, so its table is never used to send one.
+_NO_INPUT_ERROR: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
+
+
+def audit(model: nn.Module) -> dict[str, str]:
+    """Every weight still used to send the error to its input (exact backprop), with the reason.
+
+    Lists each parameter with 2 or more dimensions whose module still sends the error through
+    that parameter itself: a type asymprop does not support, a subclass of a supported type
+    (its ``forward`` may be bypassed, so it is not swapped), a weight excluded by ``exclude`` or
+    by a rule callable returning None, a weight of a layer converted with ``bp``. ``{}`` means no
+    weight transport is left. Works on converted and unconverted models.
+
+    Not listed, because they carry no weight transport: 1-D parameters (biases, the elementwise
+    scales of normalisation layers: a diagonal scale is local to each unit), ``nn.Embedding``
+    tables (no error flows below an embedding), and parameters of unknown modules whose first
+    dimension is 1 (broadcast additive offsets such as positional embeddings and class tokens).
+    A raw parameter used through ``F.linear`` in a custom module is listed under its module's
+    type, as asymprop cannot see the call.
+
+    Returns:
+        ``{qualified_parameter_name: reason}`` in module order.
+
+    Example:
+        >>> asymprop.audit(asymprop.convert(nn.Sequential(nn.Linear(4, 2)), "fa"))
+        {}
+    """
+    root = unwrap(model)
+    covered: set[int] = set()
+    for _, layer in feedback_layers(root):
+        if not getattr(layer, "_exact_backprop", False) and layer.rule.name != "bp":
+            covered.add(id(layer.weight))
+    left: dict[str, str] = {}
+    done: set[int] = set()
+    for module_name, module in root.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            if param.dim() < 2 or id(param) in covered or id(param) in done:
+                continue
+            reason = _reason(module, param_name, param)
+            if reason is not None:
+                left[name] = reason
+                done.add(id(param))
+    return left
+
+
+def _reason(module: nn.Module, param_name: str, param: Tensor) -> str | None:
+    if isinstance(module, _NO_INPUT_ERROR):
+        return None
+    if is_feedback_layer(module):
+        layer: Any = module
+        if param is layer.feedback_weight:
+            return None
+        if param is layer.weight and layer.rule.name == "bp":
+            return "rule 'bp' (exact backprop by choice)"
+        return f"{type(module).__name__} has a second weight {param_name!r} without feedback"
+    marks = getattr(module, "excluded_sites", {})
+    if param_name in marks:
+        return str(marks[param_name])
+    mark = getattr(module, "_asymprop_excluded", None)
+    if mark is not None:
+        return str(mark)
+    if feedback_type(module) is not None:
+        return f"{type(module).__name__} not converted (call asymprop.convert)"
+    if container_converter(module) is not None:
+        return f"{type(module).__name__} not converted (call asymprop.convert)"
+    registered = _registered_base(module)
+    if registered is not None:
+        return (
+            f"subclass {type(module).__name__} of {registered}: not converted, as its forward "
+            "may be bypassed (register it with asymprop.register_layer)"
+        )
+    if type(module).__module__.startswith("torch."):
+        return f"type {type(module).__name__} is not supported"
+    if param.shape[0] == 1:
+        return None  # a broadcast offset (positional embedding, class token): see docstring
+    return (
+        f"a parameter of {type(module).__name__}, which asymprop does not know: used through a "
+        "functional call convert cannot see (register the module with asymprop.register_layer)"
+    )
+
+
+def _registered_base(module: nn.Module) -> str | None:
+    from .layers import _CONTAINERS, _FEEDBACK_TYPES
+
+    for base in (*_FEEDBACK_TYPES, *_CONTAINERS):
+        if isinstance(module, base) and not is_feedback_layer(module):
+            return base.__name__
+    return None
 
 
 def _convert_children(
@@ -193,14 +359,18 @@ def revert(module: nn.Module) -> nn.Module:
     Feedback weights and rule state are dropped. Returns ``module`` (or the plain layer if
     ``module`` itself is a feedback layer).
     """
+    if isinstance(module, FeedbackContainer):
+        return module.to_plain()
     if is_feedback_layer(module):
         return make_plain_layer(module)  # type: ignore[arg-type]
     done: dict[int, nn.Module] = {}
     for parent in list(_walk(module)):
         for key, child in list(parent._modules.items()):
-            if child is not None and is_feedback_layer(child):
+            if child is None or isinstance(parent, FeedbackContainer):
+                continue
+            if isinstance(child, FeedbackContainer) or is_feedback_layer(child):
                 if id(child) not in done:
-                    done[id(child)] = make_plain_layer(child)  # type: ignore[arg-type]
+                    done[id(child)] = revert(child)
                 parent._modules[key] = done[id(child)]
     return module
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._functorch.utils import unwrap_dead_wrappers
 
-__all__ = ["feedback_conv2d", "feedback_linear"]
+__all__ = ["feedback_conv", "feedback_conv2d", "feedback_linear"]
 
 # torch.compiler.is_compiling appeared in torch 2.3; dynamo folds either spelling to True.
 _is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
@@ -67,36 +67,44 @@ def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
-class _FeedbackConv2d(torch.autograd.Function):
+class _FeedbackConv(torch.autograd.Function):
+    """Every convolution torch has (1-3 spatial dims, plain or transposed) as one function."""
+
     @staticmethod
     def forward(
         x: Tensor,
         weight: Tensor,
         bias: Tensor | None,
         backward_weight: Tensor,
-        stride: tuple[int, int],
-        padding: tuple[int, int],
-        dilation: tuple[int, int],
+        stride: tuple[int, ...],
+        padding: tuple[int, ...],
+        dilation: tuple[int, ...],
         groups: int,
+        transposed: bool,
+        output_padding: tuple[int, ...],
     ) -> Tensor:
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        # aten.convolution is the op every F.conv*d and F.conv_transpose*d call
+        return torch.ops.aten.convolution(
+            x, weight, bias, stride, padding, dilation, transposed, output_padding, groups
+        )
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, _weight, bias, backward_weight, stride, padding, dilation, groups = inputs
+        x, _weight, bias, backward_weight, stride, padding, dilation, groups = inputs[:8]
+        transposed, output_padding = inputs[8:]
         ctx.save_for_backward(x, backward_weight)
-        ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.conv_args = (stride, padding, dilation, transposed, output_padding, groups)
         ctx.bias_sizes = None if bias is None else [bias.shape[0]]
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, backward_weight = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv_args
+        stride, padding, dilation, transposed, output_padding, groups = ctx.conv_args
         need_x, need_w, need_b, need_bw = ctx.needs_input_grad[:4]
-        # One call computes all three: the input gradient is the transposed convolution of
-        # grad_out with the kernel we pass (B), the weight gradient depends only on x and
-        # grad_out (the kernel is used for its shape), the bias gradient sums grad_out.
-        # This is the op behind torch.nn.grad.conv2d_input / conv2d_weight.
+        # One call computes all three: the input gradient is the adjoint of the convolution
+        # with the kernel we pass (B), the weight gradient depends only on x and grad_out (the
+        # kernel is used for its shape), the bias gradient sums grad_out. This is autograd's
+        # own backward of aten.convolution, with B in the kernel's place.
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_out,
             _cast(x, grad_out.dtype),
@@ -105,22 +113,13 @@ class _FeedbackConv2d(torch.autograd.Function):
             list(stride),
             list(padding),
             list(dilation),
-            False,
-            [0, 0],
+            transposed,
+            list(output_padding),
             groups,
             [need_x, need_w or need_bw, need_b and ctx.bias_sizes is not None],
         )
         grad_bw = grad_w if need_bw else None
-        return (
-            grad_x,
-            grad_w if need_w else None,
-            grad_b,
-            grad_bw,
-            None,
-            None,
-            None,
-            None,
-        )
+        return (grad_x, grad_w if need_w else None, grad_b, grad_bw, *([None] * 6))
 
 
 def _apply(function: type[torch.autograd.Function], *args: Any) -> Tensor:
@@ -175,11 +174,75 @@ def feedback_linear(
     return _apply(_FeedbackLinear, x, weight, bias, backward_weight)
 
 
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+def _tuple(v: int | Sequence[int], dims: int) -> tuple[int, ...]:
     if isinstance(v, int):
-        return (v, v)
-    a, b = v
-    return (int(a), int(b))
+        return (v,) * dims
+    out = tuple(int(a) for a in v)
+    if len(out) != dims:
+        raise ValueError(f"expected an int or {dims} ints, got {tuple(v)!r}")
+    return out
+
+
+def feedback_conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    backward_weight: Tensor,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    *,
+    transposed: bool = False,
+    output_padding: int | Sequence[int] = 0,
+) -> Tensor:
+    """Any convolution (``F.conv1d/2d/3d``, ``F.conv_transpose1d/2d/3d``) whose input gradient
+    travels through ``backward_weight``.
+
+    Backward: ``dL/dx`` is the adjoint of the convolution with kernel B (for a convolution, the
+    transposed convolution of ``dL/dy`` with B; for a transposed convolution, the convolution of
+    ``dL/dy`` with B), with the forward's stride, padding, dilation and groups; ``dL/dW`` and
+    ``dL/db`` as in autograd; ``dL/dB = dL/dW`` when B requires grad (Kolen-Pollack).
+
+    Args:
+        x: ``(N, C_in, *spatial)`` with 1, 2 or 3 spatial dimensions.
+        weight: W: ``(C_out, C_in / groups, *kernel)``, or ``(C_in, C_out / groups, *kernel)``
+            when ``transposed`` (torch's layouts).
+        bias: ``(C_out,)`` or None.
+        backward_weight: B, W's shape.
+        stride, padding, dilation, groups: as ``F.conv*d`` (integer padding only; the layers
+            turn ``"same"``/``"valid"`` and non-zero padding modes into explicit padding).
+        transposed: a transposed convolution (``F.conv_transpose*d``).
+        output_padding: as ``F.conv_transpose*d``.
+
+    Example:
+        >>> x = torch.randn(2, 3, 16, requires_grad=True)
+        >>> W, B = torch.randn(4, 3, 5), torch.randn(4, 3, 5)
+        >>> feedback_conv(x, W, None, B, stride=2).sum().backward()
+        >>> x.grad.shape
+        torch.Size([2, 3, 16])
+
+    Paper: 000 App. D.2 (B is a kernel used by the transposed convolution).
+    """
+    if backward_weight.shape != weight.shape:
+        raise ValueError(
+            f"backward_weight has shape {tuple(backward_weight.shape)} but weight has "
+            f"{tuple(weight.shape)}: B is stored in W's shape (see SCIENCE.md)"
+        )
+    dims = weight.dim() - 2
+    return _apply(
+        _FeedbackConv,
+        x,
+        weight,
+        bias,
+        backward_weight,
+        _tuple(stride, dims),
+        _tuple(padding, dims),
+        _tuple(dilation, dims),
+        groups,
+        transposed,
+        _tuple(output_padding, dims),
+    )
 
 
 def feedback_conv2d(
@@ -196,15 +259,15 @@ def feedback_conv2d(
 
     Backward: ``dL/dx = conv_transpose2d(dL/dy, B)`` with the forward's stride, padding,
     dilation and groups (the output size is taken from x, so no output_padding ambiguity);
-    ``dL/dW`` and ``dL/db`` as in autograd; ``dL/dB = dL/dW`` when B requires grad.
+    ``dL/dW`` and ``dL/db`` as in autograd; ``dL/dB = dL/dW`` when B requires grad. The 2-D
+    case of :func:`feedback_conv`.
 
     Args:
         x: ``(N, C_in, H, W)``.
         weight: W, ``(C_out, C_in / groups, kH, kW)``.
         bias: ``(C_out,)`` or None.
         backward_weight: B, W's shape.
-        stride, padding, dilation, groups: as ``F.conv2d`` (integer padding only; the layer
-            turns ``"same"``/``"valid"`` and non-zero padding modes into explicit padding).
+        stride, padding, dilation, groups: as ``F.conv2d`` (integer padding only).
 
     Example:
         >>> x = torch.randn(2, 3, 8, 8, requires_grad=True)
@@ -213,19 +276,6 @@ def feedback_conv2d(
 
     Paper: 000 App. D.2 (B is a kernel used by the transposed convolution).
     """
-    if backward_weight.shape != weight.shape:
-        raise ValueError(
-            f"backward_weight has shape {tuple(backward_weight.shape)} but weight has "
-            f"{tuple(weight.shape)}: B is stored in W's shape (see SCIENCE.md)"
-        )
-    return _apply(
-        _FeedbackConv2d,
-        x,
-        weight,
-        bias,
-        backward_weight,
-        _pair(stride),
-        _pair(padding),
-        _pair(dilation),
-        groups,
-    )
+    if weight.dim() != 4:
+        raise ValueError(f"feedback_conv2d needs a 4-D weight, got {tuple(weight.shape)}")
+    return feedback_conv(x, weight, bias, backward_weight, stride, padding, dilation, groups)

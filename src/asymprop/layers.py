@@ -1,27 +1,63 @@
-"""Layers whose backward pass sends the error through a feedback weight.
+"""Layers whose backward pass sends the error through a feedback weight, one place per kind.
 
-``FeedbackLinear`` and ``FeedbackConv2d`` are the layers ``asymprop.convert`` puts in place of
-``nn.Linear`` and ``nn.Conv2d``. They subclass those types (so ``isinstance`` checks in user code
-keep working), hold the very same ``weight``/``bias`` Parameter objects as the layer they replace,
-and add ``feedback_weight``: the papers' B, stored in W's shape (SCIENCE.md). What the layer does in
-its forward/backward pass and how B changes is decided by its ``rule`` (``asymprop.rules``): the
-layer itself knows only how to run its op natively or with a given backward weight.
+A *feedback layer* is one weight W with its feedback weight B (``feedback_weight``, W's shape,
+SCIENCE.md). ``asymprop.convert`` puts them in place of torch's layers: ``FeedbackLinear`` for
+``nn.Linear``, ``FeedbackConv1d/2d/3d`` and ``FeedbackConvTranspose1d/2d/3d`` for the
+convolutions. They subclass the layer they replace (``isinstance`` checks in user code keep
+working) and hold the very same ``weight``/``bias`` Parameter objects. Modules with several
+weights (attention, recurrent layers) keep their Parameters and call one feedback layer per
+weight (a :class:`LinearSite`, which reads W from its owner), so rules see one kind of object.
+
+The **layer-kind interface** is what every rule may ask of a layer, and all it may ask (rules
+never check layer types):
+
+* ``native_forward(x)``: torch's own op (exact backprop);
+* ``feedback_forward(x, backward_weight)``: the same value, the input gradient through
+  ``backward_weight``;
+* ``weight_op(x, weight)``: the op with another weight and the bias blocked (the mirror's drive);
+* ``input_grad(grad_output, backward_weight, input_shape)``: the error the op sends to its
+  input (the adjoint of ``weight_op(., backward_weight)``);
+* ``weight_grad(x, grad_output)``: the weight gradient, summed over examples and positions;
+* ``pairs(input_shape)``: how many (input, output) pairs each weight entry connects per example
+  (1 for a Linear on ``(N, in)``; per kernel tap for a convolution): a "position";
+* ``fan_in``: inputs feeding one output unit;
+* ``feedback_matrix()``: B as an ``(out, in)`` matrix view when the op is a matrix product on
+  the last dimension (closed-form fits), else None.
+
+A new kind registers with :func:`register_layer`; only ``native_forward`` and ``weight_op`` are
+required, the rest have exact generic versions built with ``torch.func.vjp``.
 """
 
 from __future__ import annotations
 
+import math
+import sys
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import feedback_conv2d, feedback_linear
+from .functional import _apply, feedback_conv, feedback_linear
 
 if TYPE_CHECKING:
     from .rules import FeedbackRule
 
-__all__ = ["FeedbackConv2d", "FeedbackLayer", "FeedbackLinear", "is_feedback_layer"]
+__all__ = [
+    "FeedbackConv1d",
+    "FeedbackConv2d",
+    "FeedbackConv3d",
+    "FeedbackConvTranspose1d",
+    "FeedbackConvTranspose2d",
+    "FeedbackConvTranspose3d",
+    "FeedbackContainer",
+    "FeedbackLayer",
+    "FeedbackLinear",
+    "LinearSite",
+    "is_feedback_layer",
+    "register_layer",
+]
 
 _GOLDEN = 0x9E3779B97F4A7C15
 
@@ -35,8 +71,38 @@ def mix_seed(seed: int, count: int) -> int:
     return ((seed + 1) * _GOLDEN + count * 0xBF58476D1CE4E5B9) % (2**63)
 
 
+class _InputError(torch.autograd.Function):
+    """Identity on ``output``; backward sends ``input_grad(g, B)`` to ``input`` (generic kinds).
+
+    ``backward_weight`` receives W's gradient when it requires grad (Kolen-Pollack).
+    """
+
+    @staticmethod
+    def forward(
+        output: Tensor, input: Tensor, backward_weight: Tensor, layer: FeedbackLayer
+    ) -> Tensor:
+        return output.view_as(output)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        _output, input, backward_weight, layer = inputs
+        ctx.save_for_backward(input, backward_weight)
+        ctx.layer = layer
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        input, backward_weight = ctx.saved_tensors
+        layer: FeedbackLayer = ctx.layer
+        grad_input = grad_bw = None
+        if ctx.needs_input_grad[1]:
+            grad_input = layer.input_grad(grad_output, backward_weight, tuple(input.shape))
+        if ctx.needs_input_grad[2]:
+            grad_bw = layer.weight_grad(input, grad_output)
+        return grad_output, grad_input, grad_bw, None
+
+
 class FeedbackLayer(nn.Module):
-    """Behaviour shared by the feedback layers (a mixin placed before the torch layer type).
+    """Behaviour shared by the feedback layers, and the layer-kind interface (module docstring).
 
     Attributes:
         rule: the ``FeedbackRule`` that owns this layer's feedback path.
@@ -57,19 +123,64 @@ class FeedbackLayer(nn.Module):
             return self.native_forward(input)
         return self.rule.forward(self, input)
 
-    # --- what subclasses provide ----------------------------------------------------------
+    # --- the layer-kind interface -----------------------------------------------------------
     def native_forward(self, input: Tensor) -> Tensor:
         """The torch layer's own forward (its backward is exact backprop)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define native_forward")
+
+    def weight_op(self, input: Tensor, weight: Tensor) -> Tensor:
+        """The layer's op with ``weight`` in W's place and no bias (linear in both arguments)."""
+        raise NotImplementedError(f"{type(self).__name__} must define weight_op")
 
     def feedback_forward(self, input: Tensor, backward_weight: Tensor) -> Tensor:
-        """The same forward value; the input gradient travels through ``backward_weight``."""
-        raise NotImplementedError
+        """The same forward value; the input gradient travels through ``backward_weight``.
+
+        Generic version: the native op on a detached input (exact gradients of W and b), then an
+        identity node whose backward sends :meth:`input_grad` to the input.
+        """
+        output = self.native_forward(input.detach())
+        if not (input.requires_grad or backward_weight.requires_grad):
+            return output
+        return _apply(_InputError, output, input, backward_weight, self)
+
+    def input_grad(
+        self, grad_output: Tensor, backward_weight: Tensor, input_shape: Sequence[int]
+    ) -> Tensor:
+        """``dL/dx`` when the error travels through ``backward_weight``: the adjoint of
+        ``weight_op(., backward_weight)`` applied to ``grad_output``, of shape ``input_shape``."""
+        probe = grad_output.new_zeros(tuple(input_shape))
+        _, vjp = torch.func.vjp(lambda x: self.weight_op(x, backward_weight), probe)
+        return vjp(grad_output)[0]  # type: ignore[no-any-return]
+
+    def weight_grad(self, input: Tensor, grad_output: Tensor) -> Tensor:
+        """``dL/dW`` for ``input`` and ``grad_output`` (summed over examples and positions)."""
+        weight = self.weight.detach().to(grad_output.dtype)
+        _, vjp = torch.func.vjp(lambda w: self.weight_op(input, w), weight)
+        return vjp(grad_output)[0]  # type: ignore[no-any-return]
+
+    def pairs(self, input_shape: Sequence[int]) -> Tensor:
+        """Per weight entry, the (input, output) pairs it connects in one example (W-broadcastable).
+
+        The weight gradient with ones as input and as output gradient counts them exactly, zero
+        padding (no neuron) excluded.
+        """
+        weight = self.weight.detach()
+        ones = weight.new_ones((1, *input_shape[1:]))
+        out = self.weight_op(ones, weight)
+        return self.weight_grad(ones, torch.ones_like(out))
 
     @property
     def fan_in(self) -> int:
-        """Inputs feeding one output unit: ``in_features``, or ``C_in/groups * kH * kW``."""
+        """Inputs feeding one output unit: ``in_features``, or ``C_in/groups * prod(kernel)``."""
         return self.weight[0].numel()
+
+    def feedback_matrix(self) -> Tensor | None:
+        """B as an ``(out, in)`` matrix view if the op is ``x @ W^T`` on the last dim, else None."""
+        return None
+
+    def default_input_shape(self) -> list[int] | None:
+        """An input shape ``[N, ...]`` known without a forward pass (N = 0), or None."""
+        return None
 
     # --- state ----------------------------------------------------------------------------
     def _init_feedback_layer(self, rule: FeedbackRule) -> None:
@@ -85,7 +196,9 @@ class FeedbackLayer(nn.Module):
         for store in (self._parameters, self._buffers):
             store.pop("feedback_weight", None)
         if value is None:
-            self.register_parameter("feedback_weight", self.get_parameter("weight"))
+            weight = self.weight
+            assert isinstance(weight, nn.Parameter)
+            self.register_parameter("feedback_weight", weight)
         elif trainable:
             self.register_parameter("feedback_weight", nn.Parameter(value.detach().clone()))
         else:
@@ -122,11 +235,20 @@ class FeedbackLayer(nn.Module):
         self.feedback_state = {k: (list(v) if isinstance(v, list) else v) for k, v in state.items()}
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rule={self.rule!r}"
+        base = super().extra_repr()
+        return f"{base}, rule={self.rule!r}" if base else f"rule={self.rule!r}"
 
 
-class FeedbackLinear(FeedbackLayer, nn.Linear):
-    """``nn.Linear`` whose input gradient is ``grad_out @ backward_weight`` (any leading dims)."""
+# ---------------------------------------------------------------------------------------------
+# Linear kinds
+# ---------------------------------------------------------------------------------------------
+
+
+class _MatrixKind(FeedbackLayer):
+    """Kinds whose op is ``x @ W^T (+ b)`` on the last dimension; any leading dims are positions."""
+
+    def weight_op(self, input: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(input, weight)
 
     def native_forward(self, input: Tensor) -> Tensor:
         return F.linear(input, self.weight, self.bias)
@@ -134,44 +256,348 @@ class FeedbackLinear(FeedbackLayer, nn.Linear):
     def feedback_forward(self, input: Tensor, backward_weight: Tensor) -> Tensor:
         return feedback_linear(input, self.weight, self.bias, backward_weight)
 
+    def input_grad(
+        self, grad_output: Tensor, backward_weight: Tensor, input_shape: Sequence[int]
+    ) -> Tensor:
+        # (..., out) @ (out, in) -> (..., in)
+        return (grad_output @ backward_weight.to(grad_output.dtype)).reshape(tuple(input_shape))
 
-class FeedbackConv2d(FeedbackLayer, nn.Conv2d):
-    """``nn.Conv2d`` whose input gradient is the transposed convolution with ``backward_weight``.
+    def weight_grad(self, input: Tensor, grad_output: Tensor) -> Tensor:
+        g = grad_output.reshape(-1, grad_output.shape[-1])  # (rows, out)
+        return g.t() @ input.reshape(-1, input.shape[-1]).to(g.dtype)  # (out, in)
 
-    Every stride, dilation, groups, ``padding="same"/"valid"`` and padding mode is supported:
-    non-zero or asymmetric padding is applied with ``F.pad`` before the convolution (as
-    ``nn.Conv2d`` does), so autograd handles the pad and the feedback op sees integer padding.
+    def pairs(self, input_shape: Sequence[int]) -> Tensor:
+        positions = math.prod(input_shape[1:-1])
+        return self.weight.detach().new_full((), float(positions))
+
+    def feedback_matrix(self) -> Tensor | None:
+        return self.feedback_weight
+
+    def default_input_shape(self) -> list[int] | None:
+        return [0, self.weight.shape[1]]
+
+
+class FeedbackLinear(_MatrixKind, nn.Linear):
+    """``nn.Linear`` whose input gradient is ``grad_out @ backward_weight`` (any leading dims)."""
+
+
+class LinearSite(_MatrixKind):
+    """The feedback layer of one weight matrix of a multi-weight module (attention, RNN).
+
+    ``weight`` and ``bias`` are read from the owner at every use (its Parameters stay where they
+    are: ``state_dict`` keys, optimizers and ``load_state_dict(assign=True)`` keep working);
+    the site holds only B and the rule's state. ``rows`` selects a block of rows of the owner's
+    weight (a packed bias of several sites, e.g. attention's ``in_proj_bias``).
+
+    Args:
+        owner: the module holding the Parameters.
+        weight_name: name of W in ``owner`` (``(out, in)``).
+        bias_name: name of the bias in ``owner``, or None.
+        bias_rows: ``(start, stop)`` rows of the owner's bias that belong to this weight.
     """
 
-    def native_forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(input, self.weight, self.bias)
+    def __init__(
+        self,
+        owner: nn.Module,
+        weight_name: str,
+        bias_name: str | None = None,
+        bias_rows: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self._owner = (owner,)  # a tuple: the owner is not registered as a child (no cycle)
+        self.weight_name = weight_name
+        self.bias_name = bias_name
+        self.bias_rows = bias_rows
 
-    def feedback_forward(self, input: Tensor, backward_weight: Tensor) -> Tensor:
-        padding: Any = self.padding
-        if self.padding_mode != "zeros" or isinstance(padding, str):
-            left, right, top, bottom = self._reversed_padding_repeated_twice
-            if self.padding_mode == "zeros" and left == right and top == bottom:
-                padding = (top, left)
-            else:
-                mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-                input = F.pad(input, self._reversed_padding_repeated_twice, mode=mode)
-                padding = (0, 0)
-        return feedback_conv2d(
-            input,
-            self.weight,
-            self.bias,
-            backward_weight,
-            self.stride,
-            padding,
-            self.dilation,
+    @property  # type: ignore[override]
+    def weight(self) -> Tensor:
+        return getattr(self._owner[0], self.weight_name)  # type: ignore[no-any-return]
+
+    @property
+    def bias(self) -> Tensor | None:
+        if self.bias_name is None:
+            return None
+        bias: Tensor | None = getattr(self._owner[0], self.bias_name)
+        if bias is None or self.bias_rows is None:
+            return bias
+        return bias[self.bias_rows[0] : self.bias_rows[1]]
+
+    def extra_repr(self) -> str:
+        out, inp = self.weight.shape
+        return f"{self.weight_name}: in={inp}, out={out}, rule={self.rule!r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolutions: 1-3 spatial dims, plain and transposed
+# ---------------------------------------------------------------------------------------------
+
+
+class _ConvKind(FeedbackLayer):
+    """``nn.Conv1d/2d/3d``: every stride, dilation, groups, ``padding="same"/"valid"`` and
+    padding mode. Non-zero or asymmetric padding is applied with ``F.pad`` before the
+    convolution (as torch's layers do), so autograd handles the pad and the op sees integer
+    padding."""
+
+    transposed = False
+    padding_mode: str
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    bias: Tensor | None
+
+    def _padded(self, input: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        """The input as the op sees it, and the integer padding left to the op."""
+        padding: Any = self.padding  # type: ignore[has-type]
+        if self.padding_mode == "zeros" and not isinstance(padding, str):
+            return input, tuple(int(p) for p in padding)
+        pairs = self._reversed_padding_repeated_twice  # type: ignore[has-type]
+        dims = len(pairs) // 2
+        if self.padding_mode == "zeros":
+            # symmetric "same" stays inside the op; asymmetric pads explicitly
+            left, right = pairs[0::2], pairs[1::2]
+            if left == right:
+                return input, tuple(reversed(left))
+            return F.pad(input, pairs), (0,) * dims
+        return F.pad(input, pairs, mode=self.padding_mode), (0,) * dims
+
+    def _op(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        x, padding = self._padded(input)
+        return torch.ops.aten.convolution(
+            x, weight, bias, self.stride, padding, self.dilation, False, [0] * len(padding),
             self.groups,
         )
 
+    def native_forward(self, input: Tensor) -> Tensor:
+        return self._conv_forward(input, self.weight, self.bias)  # type: ignore[attr-defined,no-any-return]
 
+    def weight_op(self, input: Tensor, weight: Tensor) -> Tensor:
+        return self._op(input, weight, None)
+
+    def feedback_forward(self, input: Tensor, backward_weight: Tensor) -> Tensor:
+        x, padding = self._padded(input)
+        return feedback_conv(
+            x, self.weight, self.bias, backward_weight, self.stride, padding, self.dilation,
+            self.groups,
+        )
+
+    def _backward(
+        self, grad_output: Tensor, x: Tensor, kernel: Tensor, padding: Sequence[int], mask: list[bool]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.ops.aten.convolution_backward(  # type: ignore[no-any-return]
+            grad_output, x, kernel.to(grad_output.dtype), None, list(self.stride), list(padding),
+            list(self.dilation), self.transposed, list(self._output_pad(len(padding))),
+            self.groups, mask,
+        )
+
+    def _output_pad(self, dims: int) -> Sequence[int]:
+        return [0] * dims
+
+    def input_grad(
+        self, grad_output: Tensor, backward_weight: Tensor, input_shape: Sequence[int]
+    ) -> Tensor:
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):  # type: ignore[has-type]
+            return super().input_grad(grad_output, backward_weight, input_shape)
+        probe = grad_output.new_empty(()).expand(tuple(input_shape))  # only its shape is read
+        return self._backward(grad_output, probe, backward_weight, self.padding, [True, False, False])[0]  # type: ignore[has-type]
+
+    def weight_grad(self, input: Tensor, grad_output: Tensor) -> Tensor:
+        x, padding = self._padded(input.to(grad_output.dtype))
+        return self._backward(grad_output, x, self.weight.detach(), padding, [False, True, False])[1]
+
+
+class _ConvTransposeKind(_ConvKind):
+    """``nn.ConvTranspose1d/2d/3d`` incl. ``output_padding``, groups, dilation and the
+    ``output_size`` argument; the input gradient is the convolution of ``dL/dy`` with B."""
+
+    transposed = True
+
+    def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
+        self._call_output_padding = None
+        if output_size is not None:
+            dims = self.weight.dim() - 2
+            self._call_output_padding = self._output_padding(  # type: ignore[attr-defined]
+                input, output_size, self.stride, self.padding, self.kernel_size, dims,  # type: ignore[attr-defined]
+                self.dilation,
+            )
+        try:
+            return super().forward(input)
+        finally:
+            self._call_output_padding = None
+
+    def _output_pad(self, dims: int) -> Sequence[int]:
+        pad = getattr(self, "_call_output_padding", None)
+        return tuple(pad) if pad is not None else tuple(self.output_padding)  # type: ignore[attr-defined]
+
+    def _padded(self, input: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        return input, tuple(int(p) for p in self.padding)  # type: ignore[has-type]
+
+    def _op(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        padding = self._padded(input)[1]
+        return torch.ops.aten.convolution(
+            input, weight, bias, self.stride, padding, self.dilation, True,
+            list(self._output_pad(len(padding))), self.groups,
+        )
+
+    def native_forward(self, input: Tensor) -> Tensor:
+        return self._op(input, self.weight, self.bias)
+
+    def feedback_forward(self, input: Tensor, backward_weight: Tensor) -> Tensor:
+        padding = self._padded(input)[1]
+        return feedback_conv(
+            input, self.weight, self.bias, backward_weight, self.stride, padding, self.dilation,
+            self.groups, transposed=True, output_padding=self._output_pad(len(padding)),
+        )
+
+    def input_grad(
+        self, grad_output: Tensor, backward_weight: Tensor, input_shape: Sequence[int]
+    ) -> Tensor:
+        probe = grad_output.new_empty(()).expand(tuple(input_shape))
+        return self._backward(grad_output, probe, backward_weight, self.padding, [True, False, False])[0]  # type: ignore[has-type]
+
+    @property
+    def fan_in(self) -> int:
+        """Inputs feeding one output unit: ``C_in/groups`` times the kernel taps."""
+        return self.weight.shape[0] // self.groups * math.prod(self.weight.shape[2:])
+
+
+class FeedbackConv1d(_ConvKind, nn.Conv1d):
+    """``nn.Conv1d`` whose input gradient is the transposed convolution with B."""
+
+
+class FeedbackConv2d(_ConvKind, nn.Conv2d):
+    """``nn.Conv2d`` whose input gradient is the transposed convolution with B."""
+
+
+class FeedbackConv3d(_ConvKind, nn.Conv3d):
+    """``nn.Conv3d`` whose input gradient is the transposed convolution with B."""
+
+
+class FeedbackConvTranspose1d(_ConvTransposeKind, nn.ConvTranspose1d):
+    """``nn.ConvTranspose1d`` whose input gradient is the convolution with B."""
+
+
+class FeedbackConvTranspose2d(_ConvTransposeKind, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` whose input gradient is the convolution with B."""
+
+
+class FeedbackConvTranspose3d(_ConvTransposeKind, nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` whose input gradient is the convolution with B."""
+
+
+class FeedbackContainer(nn.Module):
+    """A converted multi-weight module (attention, recurrent layer): it keeps its Parameters and
+    runs each weight matrix through a feedback layer (:class:`LinearSite`), or exactly where the
+    user excluded it (named in ``excluded_sites``: parameter name -> reason, for ``audit``)."""
+
+    excluded_sites: dict[str, str]
+
+    def to_plain(self) -> nn.Module:
+        """The torch module with the same Parameters (``asymprop.revert``)."""
+        raise NotImplementedError(f"{type(self).__name__} must define to_plain")
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry of layer kinds
+# ---------------------------------------------------------------------------------------------
+
+#: Module type -> what ``convert`` makes of it: a FeedbackLayer class (single-weight layers) or
+#: a callable ``(module, make_site) -> converted module`` (multi-weight modules, see
+#: ``register_layer``).
 _FEEDBACK_TYPES: dict[type[nn.Module], type[FeedbackLayer]] = {
     nn.Linear: FeedbackLinear,
+    nn.Conv1d: FeedbackConv1d,
     nn.Conv2d: FeedbackConv2d,
+    nn.Conv3d: FeedbackConv3d,
+    nn.ConvTranspose1d: FeedbackConvTranspose1d,
+    nn.ConvTranspose2d: FeedbackConvTranspose2d,
+    nn.ConvTranspose3d: FeedbackConvTranspose3d,
 }
+
+#: Multi-weight module type -> its converter (attention, recurrent layers; ``register_layer``).
+Converter = Callable[[nn.Module, Callable[[str, "LinearSite | FeedbackLayer"], bool]], nn.Module]
+_CONTAINERS: dict[type[nn.Module], Converter] = {}
+
+#: Kinds registered by qualified class name, for libraries asymprop does not import
+#: (``"transformers.pytorch_utils.Conv1D"``): resolved when a module of that type is met.
+_LAZY_KINDS: dict[str, type[FeedbackLayer]] = {}
+
+
+def register_layer(
+    module_type: type[nn.Module] | str,
+    kind: type[FeedbackLayer] | Converter,
+) -> None:
+    """Teach ``convert`` a new layer kind.
+
+    Single-weight layers: ``kind`` is a mixin subclass of :class:`FeedbackLayer` that defines
+    ``native_forward(x)`` and ``weight_op(x, weight)`` (the op with another weight, bias
+    blocked, linear in both) and may override the rest of the layer-kind interface (module
+    docstring) with faster closed forms. ``convert`` then swaps every *exact* instance of
+    ``module_type`` for ``class Feedback<Name>(kind, module_type)`` holding the same Parameters.
+    ``module_type`` may be a qualified class name (``"package.module.Class"``), so a library
+    need not be imported to register its layers.
+
+    Multi-weight modules: ``kind`` is a callable ``(module, make_site) -> new_module`` that
+    returns a module using one feedback layer per weight; ``make_site(name, layer)`` asks
+    ``convert`` to attach a rule to the feedback layer ``layer`` named ``name`` (relative to the
+    module) and returns False where the user excluded it (the module then runs that weight
+    exactly).
+
+    Example (a layer storing W as ``(in, out)``, like GPT-2's ``Conv1D``)::
+
+        class InOutLinear(asymprop.FeedbackLayer):
+            def native_forward(self, x):
+                return x @ self.weight + self.bias
+            def weight_op(self, x, weight):
+                return x @ weight
+            @property
+            def fan_in(self):
+                return self.weight.shape[0]
+
+        asymprop.register_layer(MyInOutLinear, InOutLinear)
+
+    Raises:
+        TypeError: ``kind`` is neither a FeedbackLayer subclass nor callable.
+    """
+    if isinstance(kind, type) and issubclass(kind, FeedbackLayer):
+        if isinstance(module_type, str):
+            _LAZY_KINDS[module_type] = kind
+            return
+        _FEEDBACK_TYPES[module_type] = _combine(kind, module_type)
+        return
+    if callable(kind) and not isinstance(module_type, str):
+        _CONTAINERS[module_type] = kind
+        return
+    raise TypeError(
+        f"register_layer({module_type!r}, {kind!r}): kind must be a FeedbackLayer subclass "
+        "(single-weight layers) or a converter callable (multi-weight modules, given a type)"
+    )
+
+
+def _combine(kind: type[FeedbackLayer], module_type: type[nn.Module]) -> type[FeedbackLayer]:
+    if issubclass(kind, module_type):
+        return kind
+    name = f"Feedback{module_type.__name__}"
+    cls = type(name, (kind, module_type), {"__module__": __name__, "__qualname__": name})
+    setattr(sys.modules[__name__], name, cls)  # importable by name: pickling whole models works
+    return cls
+
+
+def _qualified_name(module_type: type) -> str:
+    return f"{module_type.__module__}.{module_type.__qualname__}"
+
+
+def feedback_type(module: nn.Module) -> type[FeedbackLayer] | None:
+    """The feedback layer class for an exact instance of a registered type, else None."""
+    cls = type(module)
+    found = _FEEDBACK_TYPES.get(cls)
+    if found is None and _qualified_name(cls) in _LAZY_KINDS:
+        found = _FEEDBACK_TYPES[cls] = _combine(_LAZY_KINDS.pop(_qualified_name(cls)), cls)
+    return found
+
+
+def container_converter(module: nn.Module) -> Converter | None:
+    """The converter of a registered multi-weight module type, else None."""
+    return _CONTAINERS.get(type(module))
 
 
 def is_feedback_layer(module: nn.Module) -> bool:
@@ -182,14 +608,14 @@ def is_feedback_layer(module: nn.Module) -> bool:
 def make_feedback_layer(module: nn.Module, rule: FeedbackRule) -> FeedbackLayer:
     """A feedback layer that takes over ``module``: same Parameter objects, hooks and attributes.
 
-    Only exact ``nn.Linear``/``nn.Conv2d`` are accepted (a subclass may never call ``forward``,
-    like attention's ``out_proj``, so swapping it would silently change nothing).
+    Only exact instances of registered types are accepted (a subclass may never call
+    ``forward``, like attention's ``out_proj``, so swapping it would silently change nothing).
     """
-    cls = _FEEDBACK_TYPES.get(type(module))
+    cls = feedback_type(module)
     if cls is None:
         raise TypeError(
-            f"cannot convert {type(module).__name__}: only exact nn.Linear and nn.Conv2d are "
-            "converted"
+            f"cannot convert {type(module).__name__}: not a registered layer kind "
+            "(asymprop.register_layer)"
         )
     layer = cls.__new__(cls)
     # Take the module's whole state: the same Parameter objects (the optimizer keeps working),
@@ -201,12 +627,18 @@ def make_feedback_layer(module: nn.Module, rule: FeedbackRule) -> FeedbackLayer:
     return layer
 
 
+def attach_rule(layer: FeedbackLayer, rule: FeedbackRule) -> FeedbackLayer:
+    """Give a freshly built feedback layer (a :class:`LinearSite`) its rule."""
+    layer._init_feedback_layer(rule)
+    return layer
+
+
 def make_plain_layer(layer: FeedbackLayer) -> nn.Module:
     """Undo ``make_feedback_layer``: the torch layer with the same Parameter objects."""
-    base = next(t for t, c in _FEEDBACK_TYPES.items() if isinstance(layer, c))
+    base = next(t for t, c in _FEEDBACK_TYPES.items() if type(layer) is c)
     module = base.__new__(base)
     state = {k: (v.copy() if isinstance(v, dict) else v) for k, v in layer.__dict__.items()}
-    for key in ("rule", "feedback_state", "_exact_backprop"):
+    for key in ("rule", "feedback_state", "_exact_backprop", "_call_output_padding"):
         state.pop(key, None)
     state["_parameters"].pop("feedback_weight", None)
     state["_buffers"] = {k: v for k, v in state["_buffers"].items() if not k.startswith("feedback")}
