@@ -19,7 +19,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import asymprop
-from asymprop.mirror import WM, _conv_covariance, _explicit_padding
+from asymprop.mirror import WM
 
 
 def _fixed_layer(layer: nn.Module, input_shape: tuple[int, ...], **options: object) -> nn.Module:
@@ -190,9 +190,24 @@ def test_conv_covariance_equals_pairwise_average(conv: dict) -> None:
     out = F.relu(
         F.conv2d(xp, layer.weight, None, layer.stride, padding, layer.dilation, layer.groups)
     )
-    xc, oc = xp - xp.mean(0, keepdim=True), out - out.mean(0, keepdim=True)
-    fast = _conv_covariance(layer, xc, mask, oc.detach(), padding, samples=4)
-    torch.testing.assert_close(fast, _brute_conv_covariance(layer, xc, mask, padding, oc.detach()))
+    torch.testing.assert_close(out, F.relu(layer.weight_op(x, layer.weight)))
+    xc, oc = x - x.mean(0, keepdim=True), out - out.mean(0, keepdim=True)
+    # the mirror's covariance through the layer-kind interface: weight_grad / (pairs * samples)
+    fast = layer.weight_grad(xc, oc.detach()) / (layer.pairs(x.shape) * 4)
+    xpc = xp - xp.mean(0, keepdim=True)
+    torch.testing.assert_close(fast, _brute_conv_covariance(layer, xpc, mask, padding, oc.detach()))
+
+
+def _explicit_padding(layer: nn.Conv2d, x: torch.Tensor):
+    """The oracle's padding: x padded as the layer pads it, a mask of real neurons (1; 0 for
+    zero padding), and the padding left to the conv op."""
+    mask = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype)
+    if layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+        return x, mask, tuple(layer.padding)
+    pad = layer._reversed_padding_repeated_twice
+    if layer.padding_mode == "zeros":
+        return F.pad(x, pad), F.pad(mask, pad), (0, 0)
+    return F.pad(x, pad, mode=layer.padding_mode), F.pad(mask, pad, value=1.0), (0, 0)
 
 
 # ------------------------------------------------------------------ mechanics

@@ -11,9 +11,22 @@ mirrors, node perturbation, ...). See SCIENCE.md for the equations and README.md
 """
 
 from . import direct, functional, optim, perturbation
-from .convert import convert, exact_backprop, feedback_layers, revert, unwrap
+from .convert import audit, convert, exact_backprop, feedback_layers, revert, unwrap
 from .groups import param_groups
-from .layers import FeedbackConv2d, FeedbackLayer, FeedbackLinear, is_feedback_layer
+from .layers import (
+    FeedbackContainer,
+    FeedbackConv1d,
+    FeedbackConv2d,
+    FeedbackConv3d,
+    FeedbackConvTranspose1d,
+    FeedbackConvTranspose2d,
+    FeedbackConvTranspose3d,
+    FeedbackLayer,
+    FeedbackLinear,
+    LinearSite,
+    is_feedback_layer,
+    register_layer,
+)
 from .metrics import alignment, angle_deg, delta_alignment
 from .mirror import mirror
 from .rules import RULES, FeedbackRule, StepContext, make_rule, register_rule
@@ -24,13 +37,21 @@ __version__ = "0.1.0"
 __all__ = [
     "RULES",
     "DivergenceError",
+    "FeedbackContainer",
+    "FeedbackConv1d",
     "FeedbackConv2d",
+    "FeedbackConv3d",
+    "FeedbackConvTranspose1d",
+    "FeedbackConvTranspose2d",
+    "FeedbackConvTranspose3d",
     "FeedbackLayer",
     "FeedbackLinear",
     "FeedbackRule",
+    "LinearSite",
     "StepContext",
     "alignment",
     "angle_deg",
+    "audit",
     "convert",
     "delta_alignment",
     "direct",
@@ -43,6 +64,7 @@ __all__ = [
     "optim",
     "param_groups",
     "perturbation",
+    "register_layer",
     "register_rule",
     "revert",
     "train_step",

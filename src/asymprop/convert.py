@@ -116,7 +116,7 @@ def convert(
     def excluded(name: str, child: nn.Module) -> bool:
         pattern = next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
         if pattern is not None:
-            child._asymprop_excluded = f"excluded by pattern {pattern!r}"
+            child.__dict__["_asymprop_excluded"] = f"excluded by pattern {pattern!r}"
         return pattern is not None
 
     def attach(name: str, layer: FeedbackLayer, chosen: FeedbackRule) -> None:
@@ -134,7 +134,7 @@ def convert(
                 return None
             chosen = choose(name, child)
             if chosen is None:
-                child._asymprop_excluded = "the rule callable returned None"
+                child.__dict__["_asymprop_excluded"] = "the rule callable returned None"
                 return None
             layer = make_feedback_layer(child, chosen)
             attach(name, layer, chosen)
@@ -150,7 +150,7 @@ def convert(
                 return False
             chosen = choose(full, site)
             if chosen is None:
-                site._asymprop_excluded = "the rule callable returned None"
+                site.__dict__["_asymprop_excluded"] = "the rule callable returned None"
                 return False
             attach(full, site, chosen)
             return True
@@ -200,7 +200,10 @@ def _listing(left: dict[str, str]) -> str:
 def _kinds() -> str:
     from .layers import _CONTAINERS, _FEEDBACK_TYPES
 
-    names = [f"nn.{t.__name__}" if t.__module__.startswith("torch") else t.__name__ for t in (*_FEEDBACK_TYPES, *_CONTAINERS)]
+    names = [
+        f"nn.{t.__name__}" if t.__module__.startswith("torch") else t.__name__
+        for t in (*_FEEDBACK_TYPES, *_CONTAINERS)
+    ]
     return ", ".join(names)
 
 
@@ -264,10 +267,10 @@ def _reason(module: nn.Module, param_name: str, param: Tensor) -> str | None:
         return None
     if is_feedback_layer(module):
         layer: Any = module
-        if param is layer.feedback_weight:
-            return None
         if param is layer.weight and layer.rule.name == "bp":
             return "rule 'bp' (exact backprop by choice)"
+        if param is layer.feedback_weight:
+            return None
         return f"{type(module).__name__} has a second weight {param_name!r} without feedback"
     marks = getattr(module, "excluded_sites", {})
     if param_name in marks:

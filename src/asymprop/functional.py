@@ -29,6 +29,10 @@ _is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.i
 
 
 class _FeedbackLinear(torch.autograd.Function):
+    # torch.func.vmap runs forward and backward per example (each is written in vmappable ops):
+    # per-example gradients are then vmap(grad(loss)) as for any torch op.
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Tensor | None, backward_weight: Tensor) -> Tensor:
         return F.linear(x, weight, bias)
@@ -69,6 +73,8 @@ def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
 
 class _FeedbackConv(torch.autograd.Function):
     """Every convolution torch has (1-3 spatial dims, plain or transposed) as one function."""
+
+    generate_vmap_rule = True  # as _FeedbackLinear: aten.convolution(_backward) batch per example
 
     @staticmethod
     def forward(

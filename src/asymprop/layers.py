@@ -45,15 +45,16 @@ if TYPE_CHECKING:
     from .rules import FeedbackRule
 
 __all__ = [
+    "FeedbackContainer",
     "FeedbackConv1d",
     "FeedbackConv2d",
     "FeedbackConv3d",
     "FeedbackConvTranspose1d",
     "FeedbackConvTranspose2d",
     "FeedbackConvTranspose3d",
-    "FeedbackContainer",
     "FeedbackLayer",
     "FeedbackLinear",
+    "InOutLinear",
     "LinearSite",
     "is_feedback_layer",
     "register_layer",
@@ -76,6 +77,8 @@ class _InputError(torch.autograd.Function):
 
     ``backward_weight`` receives W's gradient when it requires grad (Kolen-Pollack).
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(
@@ -123,6 +126,11 @@ class FeedbackLayer(nn.Module):
             return self.native_forward(input)
         return self.rule.forward(self, input)
 
+    @property
+    def _torch(self) -> Any:
+        """The layer as its torch type (the kind mixins read its attributes: typed Any)."""
+        return self
+
     # --- the layer-kind interface -----------------------------------------------------------
     def native_forward(self, input: Tensor) -> Tensor:
         """The torch layer's own forward (its backward is exact backprop)."""
@@ -149,13 +157,13 @@ class FeedbackLayer(nn.Module):
         """``dL/dx`` when the error travels through ``backward_weight``: the adjoint of
         ``weight_op(., backward_weight)`` applied to ``grad_output``, of shape ``input_shape``."""
         probe = grad_output.new_zeros(tuple(input_shape))
-        _, vjp = torch.func.vjp(lambda x: self.weight_op(x, backward_weight), probe)
+        vjp: Any = torch.func.vjp(lambda x: self.weight_op(x, backward_weight), probe)[1]
         return vjp(grad_output)[0]  # type: ignore[no-any-return]
 
     def weight_grad(self, input: Tensor, grad_output: Tensor) -> Tensor:
         """``dL/dW`` for ``input`` and ``grad_output`` (summed over examples and positions)."""
         weight = self.weight.detach().to(grad_output.dtype)
-        _, vjp = torch.func.vjp(lambda w: self.weight_op(input, w), weight)
+        vjp: Any = torch.func.vjp(lambda w: self.weight_op(input, w), weight)[1]
         return vjp(grad_output)[0]  # type: ignore[no-any-return]
 
     def pairs(self, input_shape: Sequence[int]) -> Tensor:
@@ -251,10 +259,10 @@ class _MatrixKind(FeedbackLayer):
         return F.linear(input, weight)
 
     def native_forward(self, input: Tensor) -> Tensor:
-        return F.linear(input, self.weight, self.bias)
+        return F.linear(input, self.weight, self._torch.bias)
 
     def feedback_forward(self, input: Tensor, backward_weight: Tensor) -> Tensor:
-        return feedback_linear(input, self.weight, self.bias, backward_weight)
+        return feedback_linear(input, self.weight, self._torch.bias, backward_weight)
 
     def input_grad(
         self, grad_output: Tensor, backward_weight: Tensor, input_shape: Sequence[int]
@@ -310,7 +318,7 @@ class LinearSite(_MatrixKind):
         self.bias_rows = bias_rows
 
     @property  # type: ignore[override]
-    def weight(self) -> Tensor:
+    def weight(self) -> Tensor:  # type: ignore[override]
         return getattr(self._owner[0], self.weight_name)  # type: ignore[no-any-return]
 
     @property
@@ -327,6 +335,56 @@ class LinearSite(_MatrixKind):
         return f"{self.weight_name}: in={inp}, out={out}, rule={self.rule!r}"
 
 
+class InOutLinear(FeedbackLayer):
+    """A linear layer storing W as ``(in, out)``: ``y = x @ W + b`` (Hugging Face's ``Conv1D``,
+    GPT-2's projections). B is stored in W's ``(in, out)`` shape; the error is ``dL/dy @ B^T``.
+
+    Registered for ``transformers.pytorch_utils.Conv1D`` by name, so ``transformers`` is never
+    imported by asymprop.
+    """
+
+    def native_forward(self, input: Tensor) -> Tensor:
+        return _in_out(input, self.weight, self._torch.bias)
+
+    def weight_op(self, input: Tensor, weight: Tensor) -> Tensor:
+        return input @ weight  # (..., in) @ (in, out) -> (..., out)
+
+    def feedback_forward(self, input: Tensor, backward_weight: Tensor) -> Tensor:
+        # the matrix kind on the transposed views: gradients flow back through .t()
+        return feedback_linear(input, self.weight.t(), self._torch.bias, backward_weight.t())
+
+    def input_grad(
+        self, grad_output: Tensor, backward_weight: Tensor, input_shape: Sequence[int]
+    ) -> Tensor:
+        # (..., out) @ (out, in) -> (..., in)
+        return (grad_output @ backward_weight.t().to(grad_output.dtype)).reshape(tuple(input_shape))
+
+    def weight_grad(self, input: Tensor, grad_output: Tensor) -> Tensor:
+        g = grad_output.reshape(-1, grad_output.shape[-1])  # (rows, out)
+        return input.reshape(-1, input.shape[-1]).to(g.dtype).t() @ g  # (in, out)
+
+    def pairs(self, input_shape: Sequence[int]) -> Tensor:
+        return self.weight.detach().new_full((), float(math.prod(input_shape[1:-1])))
+
+    @property
+    def fan_in(self) -> int:
+        return int(self.weight.shape[0])
+
+    def feedback_matrix(self) -> Tensor | None:
+        return self.feedback_weight.t()
+
+    def default_input_shape(self) -> list[int] | None:
+        return [0, self.weight.shape[0]]
+
+
+def _in_out(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ W + b`` computed as Hugging Face's ``Conv1D`` does (``addmm`` on 2-D rows)."""
+    shape = (*input.shape[:-1], weight.shape[1])
+    rows = input.reshape(-1, input.shape[-1])
+    out = rows @ weight if bias is None else torch.addmm(bias, rows, weight)
+    return out.reshape(shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # Convolutions: 1-3 spatial dims, plain and transposed
 # ---------------------------------------------------------------------------------------------
@@ -339,36 +397,38 @@ class _ConvKind(FeedbackLayer):
     padding."""
 
     transposed = False
-    padding_mode: str
-    stride: tuple[int, ...]
-    dilation: tuple[int, ...]
-    groups: int
-    bias: Tensor | None
 
     def _padded(self, input: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         """The input as the op sees it, and the integer padding left to the op."""
-        padding: Any = self.padding  # type: ignore[has-type]
-        if self.padding_mode == "zeros" and not isinstance(padding, str):
+        padding: Any = self._torch.padding
+        if self._torch.padding_mode == "zeros" and not isinstance(padding, str):
             return input, tuple(int(p) for p in padding)
-        pairs = self._reversed_padding_repeated_twice  # type: ignore[has-type]
+        pairs = self._torch._reversed_padding_repeated_twice
         dims = len(pairs) // 2
-        if self.padding_mode == "zeros":
+        if self._torch.padding_mode == "zeros":
             # symmetric "same" stays inside the op; asymmetric pads explicitly
             left, right = pairs[0::2], pairs[1::2]
             if left == right:
                 return input, tuple(reversed(left))
             return F.pad(input, pairs), (0,) * dims
-        return F.pad(input, pairs, mode=self.padding_mode), (0,) * dims
+        return F.pad(input, pairs, mode=self._torch.padding_mode), (0,) * dims
 
     def _op(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         x, padding = self._padded(input)
         return torch.ops.aten.convolution(
-            x, weight, bias, self.stride, padding, self.dilation, False, [0] * len(padding),
-            self.groups,
+            x,
+            weight,
+            bias,
+            self._torch.stride,
+            padding,
+            self._torch.dilation,
+            False,
+            [0] * len(padding),
+            self._torch.groups,
         )
 
     def native_forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(input, self.weight, self.bias)  # type: ignore[attr-defined,no-any-return]
+        return self._torch._conv_forward(input, self.weight, self._torch.bias)
 
     def weight_op(self, input: Tensor, weight: Tensor) -> Tensor:
         return self._op(input, weight, None)
@@ -376,17 +436,36 @@ class _ConvKind(FeedbackLayer):
     def feedback_forward(self, input: Tensor, backward_weight: Tensor) -> Tensor:
         x, padding = self._padded(input)
         return feedback_conv(
-            x, self.weight, self.bias, backward_weight, self.stride, padding, self.dilation,
-            self.groups,
+            x,
+            self.weight,
+            self._torch.bias,
+            backward_weight,
+            self._torch.stride,
+            padding,
+            self._torch.dilation,
+            self._torch.groups,
         )
 
     def _backward(
-        self, grad_output: Tensor, x: Tensor, kernel: Tensor, padding: Sequence[int], mask: list[bool]
+        self,
+        grad_output: Tensor,
+        x: Tensor,
+        kernel: Tensor,
+        padding: Sequence[int],
+        mask: list[bool],
     ) -> tuple[Tensor, Tensor, Tensor]:
-        return torch.ops.aten.convolution_backward(  # type: ignore[no-any-return]
-            grad_output, x, kernel.to(grad_output.dtype), None, list(self.stride), list(padding),
-            list(self.dilation), self.transposed, list(self._output_pad(len(padding))),
-            self.groups, mask,
+        return torch.ops.aten.convolution_backward(
+            grad_output,
+            x,
+            kernel.to(grad_output.dtype),
+            None,
+            list(self._torch.stride),
+            list(padding),
+            list(self._torch.dilation),
+            self.transposed,
+            list(self._output_pad(len(padding))),
+            self._torch.groups,
+            mask,
         )
 
     def _output_pad(self, dims: int) -> Sequence[int]:
@@ -395,14 +474,18 @@ class _ConvKind(FeedbackLayer):
     def input_grad(
         self, grad_output: Tensor, backward_weight: Tensor, input_shape: Sequence[int]
     ) -> Tensor:
-        if self.padding_mode != "zeros" or isinstance(self.padding, str):  # type: ignore[has-type]
+        if self._torch.padding_mode != "zeros" or isinstance(self._torch.padding, str):
             return super().input_grad(grad_output, backward_weight, input_shape)
         probe = grad_output.new_empty(()).expand(tuple(input_shape))  # only its shape is read
-        return self._backward(grad_output, probe, backward_weight, self.padding, [True, False, False])[0]  # type: ignore[has-type]
+        return self._backward(
+            grad_output, probe, backward_weight, self._torch.padding, [True, False, False]
+        )[0]
 
     def weight_grad(self, input: Tensor, grad_output: Tensor) -> Tensor:
         x, padding = self._padded(input.to(grad_output.dtype))
-        return self._backward(grad_output, x, self.weight.detach(), padding, [False, True, False])[1]
+        return self._backward(grad_output, x, self.weight.detach(), padding, [False, True, False])[
+            1
+        ]
 
 
 class _ConvTransposeKind(_ConvKind):
@@ -415,9 +498,14 @@ class _ConvTransposeKind(_ConvKind):
         self._call_output_padding = None
         if output_size is not None:
             dims = self.weight.dim() - 2
-            self._call_output_padding = self._output_padding(  # type: ignore[attr-defined]
-                input, output_size, self.stride, self.padding, self.kernel_size, dims,  # type: ignore[attr-defined]
-                self.dilation,
+            self._call_output_padding = self._torch._output_padding(
+                input,
+                output_size,
+                self._torch.stride,
+                self._torch.padding,
+                self._torch.kernel_size,
+                dims,
+                self._torch.dilation,
             )
         try:
             return super().forward(input)
@@ -426,38 +514,55 @@ class _ConvTransposeKind(_ConvKind):
 
     def _output_pad(self, dims: int) -> Sequence[int]:
         pad = getattr(self, "_call_output_padding", None)
-        return tuple(pad) if pad is not None else tuple(self.output_padding)  # type: ignore[attr-defined]
+        return tuple(pad) if pad is not None else tuple(self._torch.output_padding)
 
     def _padded(self, input: Tensor) -> tuple[Tensor, tuple[int, ...]]:
-        return input, tuple(int(p) for p in self.padding)  # type: ignore[has-type]
+        return input, tuple(int(p) for p in self._torch.padding)
 
     def _op(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         padding = self._padded(input)[1]
         return torch.ops.aten.convolution(
-            input, weight, bias, self.stride, padding, self.dilation, True,
-            list(self._output_pad(len(padding))), self.groups,
+            input,
+            weight,
+            bias,
+            self._torch.stride,
+            padding,
+            self._torch.dilation,
+            True,
+            list(self._output_pad(len(padding))),
+            self._torch.groups,
         )
 
     def native_forward(self, input: Tensor) -> Tensor:
-        return self._op(input, self.weight, self.bias)
+        return self._op(input, self.weight, self._torch.bias)
 
     def feedback_forward(self, input: Tensor, backward_weight: Tensor) -> Tensor:
         padding = self._padded(input)[1]
         return feedback_conv(
-            input, self.weight, self.bias, backward_weight, self.stride, padding, self.dilation,
-            self.groups, transposed=True, output_padding=self._output_pad(len(padding)),
+            input,
+            self.weight,
+            self._torch.bias,
+            backward_weight,
+            self._torch.stride,
+            padding,
+            self._torch.dilation,
+            self._torch.groups,
+            transposed=True,
+            output_padding=self._output_pad(len(padding)),
         )
 
     def input_grad(
         self, grad_output: Tensor, backward_weight: Tensor, input_shape: Sequence[int]
     ) -> Tensor:
         probe = grad_output.new_empty(()).expand(tuple(input_shape))
-        return self._backward(grad_output, probe, backward_weight, self.padding, [True, False, False])[0]  # type: ignore[has-type]
+        return self._backward(
+            grad_output, probe, backward_weight, self._torch.padding, [True, False, False]
+        )[0]
 
     @property
     def fan_in(self) -> int:
         """Inputs feeding one output unit: ``C_in/groups`` times the kernel taps."""
-        return self.weight.shape[0] // self.groups * math.prod(self.weight.shape[2:])
+        return self.weight.shape[0] // self._torch.groups * math.prod(self.weight.shape[2:])
 
 
 class FeedbackConv1d(_ConvKind, nn.Conv1d):
@@ -517,9 +622,9 @@ _FEEDBACK_TYPES: dict[type[nn.Module], type[FeedbackLayer]] = {
 Converter = Callable[[nn.Module, Callable[[str, "LinearSite | FeedbackLayer"], bool]], nn.Module]
 _CONTAINERS: dict[type[nn.Module], Converter] = {}
 
-#: Kinds registered by qualified class name, for libraries asymprop does not import
-#: (``"transformers.pytorch_utils.Conv1D"``): resolved when a module of that type is met.
-_LAZY_KINDS: dict[str, type[FeedbackLayer]] = {}
+#: Kinds registered by qualified class name, for libraries asymprop does not import: resolved
+#: when a module of that type is met.
+_LAZY_KINDS: dict[str, type[FeedbackLayer]] = {"transformers.pytorch_utils.Conv1D": InOutLinear}
 
 
 def register_layer(
@@ -565,7 +670,7 @@ def register_layer(
         _FEEDBACK_TYPES[module_type] = _combine(kind, module_type)
         return
     if callable(kind) and not isinstance(module_type, str):
-        _CONTAINERS[module_type] = kind
+        _CONTAINERS[module_type] = kind  # type: ignore[assignment]
         return
     raise TypeError(
         f"register_layer({module_type!r}, {kind!r}): kind must be a FeedbackLayer subclass "

@@ -44,12 +44,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 import torch.nn.grad
 from torch import Tensor, nn
 
 from .convert import feedback_layers, unwrap
-from .layers import FeedbackConv2d, FeedbackLayer
+from .layers import FeedbackLayer
 from .rules import FA, FeedbackRule, StepContext, _check_range, register_rule
 
 __all__ = ["PAPER_OPTIONS", "WM", "mirror"]
@@ -283,18 +282,18 @@ class WM(FeedbackRule):
                     state["mirror_updates"] += 1
 
     def mirror_layer(self, layer: FeedbackLayer) -> None:
-        """One mirror update of one layer's B (000 Alg. 1 lines 12-16), in place, without grad."""
+        """One mirror update of one layer's B (000 Alg. 1 lines 12-16), in place, without grad.
+
+        Written against the layer-kind interface only (``weight_op``, ``weight_grad``,
+        ``pairs``): it works for every kind ``convert`` knows.
+        """
         weight = layer.weight.detach()
         shape = self.noise_shape(layer)
         generator = layer.feedback_generator(weight.device)
         x = torch.randn(shape, generator=generator, device=weight.device, dtype=weight.dtype)
         if self.noise_std != 1.0:
             x.mul_(self.noise_std)  # y_l - beta: the baseline cancels on the input side
-        if isinstance(layer, FeedbackConv2d):
-            x, mask, padding = _explicit_padding(layer, x)
-            drive = F.conv2d(x, weight, None, layer.stride, padding, layer.dilation, layer.groups)
-        else:
-            drive = F.linear(x, weight)  # (N, ..., out): bias blocked
+        drive = layer.weight_op(x, weight)  # (N, *out_shape): the layer's op, bias blocked
         if self.baseline is not None:
             drive.add_(self.baseline)  # the default bias b- with phi(b-) = beta
         out = drive.relu_() if self.nonlinearity == "relu" else drive
@@ -308,10 +307,12 @@ class WM(FeedbackRule):
         else:
             out.sub_(self.baseline)
             samples = shape[0]
-        if isinstance(layer, FeedbackConv2d):
-            covariance = _conv_covariance(layer, x, mask, out, padding, samples)
-        else:
-            covariance = _covariance(layer, x, out, samples)
+        # cov(out, x) per shared weight, averaged over the input/output pairs it connects (D.2):
+        # the weight gradient with the noise as input and the driven output as output gradient
+        # sums over examples and positions; each entry is divided by its pairs per example
+        # (zero padding is no neuron) times the examples.
+        total = layer.weight_grad(x, out)
+        covariance = total.div_(_pairs(layer, shape).clamp_min(1).mul(samples))
         feedback = layer.feedback_weight
         feedback.mul_(1 - self.decay).add_(covariance.to(feedback.dtype), alpha=self.hebbian_rate)
 
@@ -323,17 +324,15 @@ class WM(FeedbackRule):
         ceil(PAIRS_PER_FAN_IN * fan_in / positions))``, positions being the output positions
         one example gives a weight (``H_out * W_out`` for a conv, 1 for a Linear on 2-D input).
         """
-        recorded = layer.feedback_state.get("input_shape")
+        recorded = layer.feedback_state.get("input_shape") or layer.default_input_shape()
         if recorded is None:
-            if isinstance(layer, FeedbackConv2d):
-                raise RuntimeError(
-                    f"weight mirrors does not know the input size of this Conv2d "
-                    f"({layer.weight.shape[1] * layer.groups} input channels): it has not run a "
-                    "forward pass yet. Run a batch through the model first, or call "
-                    "asymprop.mirror(model, steps, example_input=batch) or "
-                    "asymprop.mirror(model, steps, input_shapes={name: (N, C, H, W)})"
-                )
-            recorded = [0, layer.weight.shape[1]]  # a Linear layer needs only in_features
+            raise RuntimeError(
+                f"weight mirrors does not know the input size of this {type(layer).__name__} "
+                f"(weight {tuple(layer.weight.shape)}): it has not run a forward pass yet. Run a "
+                "batch through the model first, or call "
+                "asymprop.mirror(model, steps, example_input=batch) or "
+                "asymprop.mirror(model, steps, input_shapes={name: (N, C, H, W)})"
+            )
         shape = list(recorded)
         if self.mirror_batch is not None:
             shape[0] = self.mirror_batch
@@ -343,77 +342,24 @@ class WM(FeedbackRule):
         return shape
 
     def _needs_shape(self, layer: FeedbackLayer) -> bool:
-        return isinstance(layer, FeedbackConv2d) and "input_shape" not in layer.feedback_state
+        return "input_shape" not in layer.feedback_state and layer.default_input_shape() is None
+
+
+def _pairs(layer: FeedbackLayer, shape: Sequence[int]) -> Tensor:
+    """``layer.pairs(shape)``, cached per input shape (it is the same every mirror step)."""
+    key = (tuple(shape[1:]), layer.weight.dtype, layer.weight.device)
+    cache: dict[Any, Tensor] = layer.__dict__.setdefault("_mirror_pairs", {})
+    if key not in cache:
+        cache.clear()
+        cache[key] = layer.pairs(shape)
+    return cache[key]
 
 
 def _positions(layer: FeedbackLayer, shape: Sequence[int]) -> int:
-    """Output positions per example that share each weight: ``H_out * W_out`` for a conv, the
-    middle (sequence) dimensions for a Linear, 1 for a Linear on ``(N, in)``."""
-    if not isinstance(layer, FeedbackConv2d):
-        return math.prod(shape[1:-1])
-    if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-        left, right, top, bottom = layer._reversed_padding_repeated_twice
-        sizes, pads = (shape[2] + top + bottom, shape[3] + left + right), (0, 0)
-    else:
-        sizes, pads = (shape[2], shape[3]), (int(layer.padding[0]), int(layer.padding[1]))
-    positions = 1
-    for size, pad, kernel, stride, dilation in zip(
-        sizes, pads, layer.kernel_size, layer.stride, layer.dilation, strict=True
-    ):
-        positions *= max(1, (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1)
-    return positions
-
-
-def _explicit_padding(layer: FeedbackConv2d, x: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
-    """The input padded as the layer's forward pads it, a mask of its real neurons, the padding
-    left for the conv op (zero padding, which adds no neuron).
-
-    ``x`` is ``(N, C, H, W)``; the mask is ``(1, 1, H', W')``: 1 where an entry is a neuron of the
-    input (reflect/replicate/circular padding repeats real neurons), 0 for zero padding.
-    """
-    padding = layer.padding
-    mask = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
-    if layer.padding_mode == "zeros" and not isinstance(padding, str):
-        return x, mask, (int(padding[0]), int(padding[1]))
-    pad = layer._reversed_padding_repeated_twice
-    if layer.padding_mode == "zeros":  # "same"/"valid", or asymmetric: explicit zeros
-        return F.pad(x, pad), F.pad(mask, pad), (0, 0)
-    return F.pad(x, pad, mode=layer.padding_mode), F.pad(mask, pad, value=1.0), (0, 0)
-
-
-def _covariance(layer: FeedbackLayer, x: Tensor, out: Tensor, samples: int) -> Tensor:
-    """``cov(out, x)`` per weight, in W's shape, for a Linear layer.
-
-    ``x (N, ..., in)``, ``out (N, ..., out)``: ``out^T x`` summed over the batch and any middle
-    (sequence) positions, divided by ``samples`` x positions.
-    """
-    x2 = x.reshape(-1, x.shape[-1])  # (N * positions, in)
-    out2 = out.reshape(-1, out.shape[-1])  # (N * positions, out)
-    positions = x2.shape[0] // x.shape[0]
-    return (out2.t() @ x2).div_(samples * positions)  # (out, N') @ (N', in) -> (out, in)
-
-
-def _conv_covariance(
-    layer: FeedbackConv2d,
-    x: Tensor,
-    mask: Tensor,
-    out: Tensor,
-    padding: tuple[int, int],
-    samples: int,
-) -> Tensor:
-    """``cov(out, x)`` per shared weight, averaged over the input/output pairs it connects (D.2).
-
-    The sum over batch and positions is the layer's weight gradient with ``x`` (padded, ``(N, C,
-    H', W')``) as input and ``out`` (``(N, C_out, Ho, Wo)``) as output gradient. Each kernel tap
-    ``(i, j)`` connects the same number of pairs in every channel: the weight gradient of a
-    one-channel conv with the real-neuron ``mask`` as input and ones as output gradient.
-    """
-    args = (layer.stride, padding, layer.dilation)
-    total = torch.nn.grad.conv2d_weight(x, layer.weight.shape, out, *args, layer.groups)
-    kernel = (1, 1, *layer.weight.shape[2:])
-    ones_out = torch.ones((1, 1, *out.shape[2:]), dtype=out.dtype, device=out.device)
-    pairs = torch.nn.grad.conv2d_weight(mask, kernel, ones_out, *args)[0, 0]  # (kH, kW)
-    return total.div_(pairs.clamp_min(1).mul_(samples))
+    """Output positions per example that share each weight: the largest pair count of any
+    weight entry (``H_out * W_out`` for a conv without padding, the middle (sequence)
+    dimensions for a Linear, 1 for a Linear on ``(N, in)``)."""
+    return max(1, int(_pairs(layer, shape).max()))
 
 
 def record_input_shapes(model: nn.Module, inputs: Tensor) -> None:

@@ -172,19 +172,20 @@ def loss_scale(batch_loss: Tensor | float, per_example: Tensor) -> float:
 
 @dataclass(eq=False)
 class _Seen:
-    """One layer's call in the clean pass."""
+    """One layer's calls in the clean pass (several for a layer used at every time step)."""
 
-    input_shape: torch.Size
-    learns: bool  # its input error is needed (the input requires grad): B is used and fitted
+    input_shapes: list[torch.Size]
+    learns: bool  # its input error is needed (an input requires grad): B is used and fitted
     chain: DirectChain | None
-    error: Tensor | None = None  # dL/dy at the layer's output, from the clean backward pass
-    # a layer fed by data only (not learning): its clean (input, output), which the noisy pass
-    # reuses instead of recomputing when it sees the same input (the costly first layer)
+    errors: list[Tensor | None]  # dL/dy at the layer's output per call, from the clean backward
+    # a layer called once and fed by data only (not learning): its clean (input, output), which
+    # the noisy pass reuses instead of recomputing when it sees the same input (the costly
+    # first layer)
     clean: tuple[Tensor, Tensor] | None = None
 
 
-def _store_error(seen: _Seen, grad: Tensor) -> None:
-    seen.error = grad.detach()
+def _store_error(seen: _Seen, call: int, grad: Tensor) -> None:
+    seen.errors[call] = grad.detach()
 
 
 @dataclass(eq=False)
@@ -197,23 +198,29 @@ class _Record:
     def add(
         self, layer: FeedbackLayer, input: Tensor, output: Tensor, chain: DirectChain | None
     ) -> None:
-        if layer in self.calls:
-            raise RuntimeError(
-                f"{type(layer).__name__}(weight {tuple(layer.weight.shape)}) is called twice in "
-                "one forward pass: a learned feedback matrix estimates one error per layer, so "
-                "weight sharing is not supported (convert the shared layer with another rule)"
-            )
-        seen = _Seen(input.shape, input.requires_grad, chain)
-        if not seen.learns:  # a copy: an in-place activation may overwrite the output next
-            seen.clean = (input.detach(), output.detach().clone())
-        self.calls[layer] = seen
-        output.register_hook(partial(_store_error, seen))
+        seen = self.calls.get(layer)
+        if seen is None:
+            seen = self.calls[layer] = _Seen([], False, chain, [])
+            if not input.requires_grad:  # a copy: an in-place activation may overwrite it next
+                seen.clean = (input.detach(), output.detach().clone())
+        else:
+            if chain is not None or seen.chain is not None:
+                raise RuntimeError(
+                    f"{type(layer).__name__}(weight {tuple(layer.weight.shape)}) is called "
+                    "twice in one forward pass: shape='dfa' sends one output error per layer, so "
+                    "weight sharing and recurrence need shape='fa'"
+                )
+            seen.clean = None
+        seen.learns = seen.learns or input.requires_grad
+        seen.input_shapes.append(input.shape)
+        seen.errors.append(None)
+        output.register_hook(partial(_store_error, seen, len(seen.errors) - 1))
 
 
 @dataclass(eq=False)
 class _NoisyPass:
     noise_std: float
-    noise: dict[FeedbackLayer, Tensor | None]  # layers to perturb -> their unit noise xi
+    noise: dict[FeedbackLayer, list[Tensor]]  # layers to perturb -> their unit noise xi per call
     rows: tuple[int, int]  # (global batch size, this rank's first row): DDP ranks share a draw
     record: _Record
 
@@ -232,7 +239,7 @@ class _NoisyPass:
         shape = (total, *input.shape[1:])  # the global batch's noise; this rank's rows below
         xi = torch.randn(shape, generator=generator, device=input.device, dtype=input.dtype)
         xi = xi[first : first + input.shape[0]]
-        self.noise[layer] = xi
+        self.noise[layer].append(xi)
         return input + self.noise_std * xi
 
 
@@ -332,18 +339,19 @@ class RegressionRule(FeedbackRule):
 
     # --- set-up -----------------------------------------------------------------------------
     def init_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> None:
-        if self.fit == "ridge" and self.shape == "fa" and not isinstance(layer, nn.Linear):
-            raise ValueError(
-                f"rule {self.name!r} with fit='ridge' and shape='fa' fits a matrix, but "
-                f"{type(layer).__name__} sends its error through a convolution: use fit='sgd', "
-                "or shape='dfa' (whose B is a matrix for any layer)"
-            )
         if self.shape == "dfa":
             init_lazy_feedback(layer, generator)
         else:
             super().init_feedback(layer, generator)
             layer.seed_feedback_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
             layer.register_load_state_dict_pre_hook(resize_lazy_feedback)
+            if self.fit == "ridge" and layer.feedback_matrix() is None:
+                raise ValueError(
+                    f"rule {self.name!r} with fit='ridge' and shape='fa' fits a matrix, but "
+                    f"{type(layer).__name__} does not send its error through one (a "
+                    "convolution): use fit='sgd', or shape='dfa' (whose B is a matrix for any "
+                    "layer)"
+                )
         if self.fit == "ridge":  # running sums, sized at the first fit
             layer.register_buffer("feedback_gram", layer.weight.detach().new_zeros(0))
             layer.register_buffer("feedback_cross", layer.weight.detach().new_zeros(0))
@@ -427,10 +435,17 @@ class RegressionRule(FeedbackRule):
 
     # --- the fit ----------------------------------------------------------------------------
     def _regressor(self, record: _Record, layer: FeedbackLayer) -> Tensor | None:
-        """``e`` of ``g(e; B)`` from the clean backward pass (None: no error reached it)."""
+        """``e`` of ``g(e; B)`` from the clean backward pass (None: no error reached it).
+
+        A layer called several times in one pass (a recurrent weight) contributes one row block
+        per call, in call order, matching its targets.
+        """
         seen = record.calls[layer]
         if self.shape == "fa":
-            return seen.error
+            if any(error is None for error in seen.errors):
+                return None
+            errors = [e for e in seen.errors if e is not None]
+            return errors[0] if len(errors) == 1 else torch.cat(errors)
         chains = {id(s.chain): s.chain for s in record.calls.values()}
         if len(chains) != 1 or seen.chain is None:
             raise RuntimeError(
@@ -447,16 +462,18 @@ class RegressionRule(FeedbackRule):
         reduce: Callable[[Tensor], None],
     ) -> None:
         """One SGD step on B, or the ridge solution over all data so far."""
-        if self.shape == "fa" and not isinstance(layer, nn.Linear):
-            self._fit_sgd_conv(layer, regressor, target, reduce)
+        matrix = layer.feedback_matrix() if self.shape == "fa" else None
+        if self.shape == "fa" and matrix is None:
+            self._fit_sgd_kind(layer, regressor, target, reduce)
             return
-        if self.shape == "fa":  # rows: every leading position; (rows, out) and (rows, in)
+        if matrix is not None:  # rows: every leading position; (rows, out) and (rows, in)
             e = regressor.reshape(-1, regressor.shape[-1])
             t = target.reshape(-1, target.shape[-1])
+            feedback = matrix  # B as an (out, in) view
         else:  # rows: examples; (N, n_out) and (N, prod(input_shape))
             e = regressor.reshape(regressor.shape[0], -1)
             t = target.reshape(target.shape[0], -1)
-        feedback = layer.feedback_weight.view(e.shape[1], t.shape[1])  # B, a view: (p, n_in)
+            feedback = layer.feedback_weight.view(e.shape[1], t.shape[1])  # B, a view: (p, n_in)
         e, t = e.to(feedback.dtype), t.to(feedback.dtype)
         if self.fit == "sgd":
             # d/dB 1/2 sum_n ||e_n B - t_n||^2 = e^T (e B - t): (p, N) @ (N, n_in)
@@ -477,52 +494,23 @@ class RegressionRule(FeedbackRule):
         solution = torch.linalg.solve(gram.double() + self.gamma * eye, cross.double())
         feedback.copy_(solution)
 
-    def _fit_sgd_conv(
+    def _fit_sgd_kind(
         self,
         layer: FeedbackLayer,
         regressor: Tensor,
         target: Tensor,
         reduce: Callable[[Tensor], None],
     ) -> None:
-        """SGD on B for a convolution: ``g = conv_transpose(e, B)``, the gradient by autograd."""
-        if not isinstance(layer, nn.Conv2d):
-            raise TypeError(f"rule {self.name!r} cannot fit feedback of {type(layer).__name__}")
+        """SGD on B for any layer kind (convolutions, ...) through the layer-kind interface.
+
+        ``g = input_grad(e, B)``; for an op linear in its input, ``<input_grad(e, B), r> =
+        <e, op(r; B)>``, so ``d/dB 1/2 ||g - t||^2`` is the op's weight gradient for input
+        ``r = g - t`` and output gradient ``e``: two products, no third.
+        """
         feedback = layer.feedback_weight
-        if layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
-            # The two products the fit needs, and no more: g = the input gradient of the conv
-            # with kernel B (only the input's shape is read), then the conv's weight gradient
-            # for input r = g - target and output gradient e (the kernel is read for its shape).
-            conv = (
-                None,
-                list(layer.stride),
-                list(layer.padding),
-                list(layer.dilation),
-                False,
-                [0, 0],
-                layer.groups,
-            )
-            e, kernel = regressor.to(feedback.dtype), feedback.detach()
-            t = target.to(feedback.dtype)
-            pred = torch.ops.aten.convolution_backward(e, t, kernel, *conv, [True, False, False])[0]
-            grad = torch.ops.aten.convolution_backward(
-                e, pred.sub_(t), kernel, *conv, [False, True, False]
-            )[1]
-            reduce(grad)
-            feedback.sub_(self.lr_b * grad)
-            return
-        kernel = feedback.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            # g is the input gradient of the conv with kernel B (linear in the input, so the
-            # probe's value does not matter); (N, C_in, H, W)
-            probe = torch.zeros_like(target, requires_grad=True)
-            (pred,) = torch.autograd.grad(
-                layer._conv_forward(probe, kernel, None), probe, regressor
-            )
-            # d/dB <e, conv(r, B)> = the conv's weight gradient for input r and output grad e
-            residual = pred - target
-            (grad,) = torch.autograd.grad(
-                layer._conv_forward(residual, kernel, None), kernel, regressor
-            )
+        e, t = regressor.to(feedback.dtype), target.to(feedback.dtype)
+        pred = layer.input_grad(e, feedback.detach(), t.shape)  # (N, *input_shape)
+        grad = layer.weight_grad(pred.sub_(t), e)
         reduce(grad)
         feedback.sub_(self.lr_b * grad)
 
@@ -569,7 +557,7 @@ class NodePerturbation(RegressionRule):
     ) -> tuple[dict[FeedbackLayer, Tensor], float]:
         assert step.outputs is not None and step.loss is not None
         rows = _global_rows(step.model, int(step.inputs.shape[0]))
-        noisy = _NoisyPass(self.noise_std, dict.fromkeys(learning), rows, record)
+        noisy = _NoisyPass(self.noise_std, {layer: [] for layer in learning}, rows, record)
         token = _NOISY.set(noisy)
         try:
             with _replay(step, record) as model, torch.no_grad():
@@ -585,14 +573,19 @@ class NodePerturbation(RegressionRule):
         clean_loss, noisy_loss = both.chunk(2)
         scale = loss_scale(step.loss, clean_loss)
         estimates = {}
-        for layer, xi in noisy.noise.items():
-            if xi is None:
+        for layer, noise in noisy.noise.items():
+            if len(noise) != len(record.calls[layer].input_shapes):
                 raise RuntimeError(
-                    f"rule 'np': the noisy pass did not reach {type(layer).__name__}(weight "
-                    f"{tuple(layer.weight.shape)}); the forward pass must not depend on chance "
-                    "beyond torch's global generator"
+                    f"rule 'np': the noisy pass called {type(layer).__name__}(weight "
+                    f"{tuple(layer.weight.shape)}) {len(noise)} times, the clean pass "
+                    f"{len(record.calls[layer].input_shapes)}; the forward pass must not depend "
+                    "on chance beyond torch's global generator"
                 )
-            estimates[layer] = perturbation_estimate(clean_loss, noisy_loss, xi, self.noise_std)
+            # one row block per call, in call order (as the regressor's)
+            parts = [
+                perturbation_estimate(clean_loss, noisy_loss, xi, self.noise_std) for xi in noise
+            ]
+            estimates[layer] = parts[0] if len(parts) == 1 else torch.cat(parts)
         return estimates, scale
 
 
@@ -622,20 +615,28 @@ class SyntheticGradient(RegressionRule):
         assert step.outputs is not None and step.loss is not None
         clean_loss = per_example_loss(step.loss_fn, step.outputs.detach(), step.targets)
         scale = loss_scale(step.loss, clean_loss)
-        inputs: dict[FeedbackLayer, Tensor] = {}
+        inputs: dict[nn.Module, list[Tensor]] = {layer: [] for layer in learning}
 
         def capture(module: nn.Module, args: tuple[Any, ...]) -> None:
-            inputs[module] = args[0]  # type: ignore[index]
+            inputs[module].append(args[0])
 
         handles = [layer.register_forward_pre_hook(capture) for layer in learning]
         try:
             with _replay(step, record) as model, torch.enable_grad(), exact_backprop(model):
                 loss = step.loss_fn(model(step.inputs), step.targets)
-                grads = torch.autograd.grad(loss, [inputs[layer] for layer in learning])
+                flat = [x for layer in learning for x in inputs[layer]]
+                grads = iter(torch.autograd.grad(loss, flat, allow_unused=True))
         finally:
             for handle in handles:
                 handle.remove()
-        return {layer: grad / scale for layer, grad in zip(learning, grads, strict=True)}, scale
+        targets: dict[FeedbackLayer, Tensor] = {}
+        for layer in learning:  # one row block per call, in call order (as the regressor's)
+            parts = [
+                torch.zeros_like(x) if g is None else g
+                for x, g in zip(inputs[layer], grads, strict=False)
+            ]
+            targets[layer] = (parts[0] if len(parts) == 1 else torch.cat(parts)) / scale
+        return targets, scale
 
 
 @register_rule
