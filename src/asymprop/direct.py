@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
+from .functional import _apply
 from .rules import FeedbackRule, register_rule
 
 if TYPE_CHECKING:
@@ -89,11 +90,17 @@ class _Call:
 class _DirectError(torch.autograd.Function):
     """Identity on the layer's output; in the backward pass it sends ``e @ B`` to the input."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx: Any, output: Tensor, input: Tensor, call: _Call) -> Tensor:
-        ctx.call = call
-        ctx.input_shape = input.shape
+    def forward(output: Tensor, input: Tensor, call: _Call) -> Tensor:
         return output.view_as(output)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        _output, input, call = inputs
+        ctx.call = call  # how _direct_producers recognises the node (ctx is the graph's node)
+        ctx.input_shape = input.shape
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
@@ -125,9 +132,22 @@ def _describe(layer: FeedbackLayer) -> str:
     return f"{type(layer).__name__}(weight {tuple(layer.weight.shape)})"
 
 
-def _direct_producers(input: Tensor) -> list[Any]:
-    """The nearest ``_DirectError`` nodes behind ``input`` in the autograd graph."""
-    found: list[Any] = []
+def _call_of(node: Any) -> _Call | None:
+    """The call a ``_DirectError`` node belongs to, or None for any other node.
+
+    Eagerly the node is ``_DirectError``'s own; under ``torch.func`` transforms it is the copy
+    functorch generates per transform level (``_DirectErrorGeneratedBackward``), whose context
+    our ``setup_context`` filled in just the same: so the context, not the node's type, says.
+    """
+    if not isinstance(node, torch.autograd.function.BackwardCFunction):
+        return None  # a built-in op's node (C++)
+    call = getattr(node, "call", None)  # set by _DirectError.setup_context only
+    return call if isinstance(call, _Call) else None
+
+
+def _direct_producers(input: Tensor) -> list[_Call]:
+    """The calls of the nearest ``_DirectError`` nodes behind ``input`` in the autograd graph."""
+    found: list[_Call] = []
     seen: set[Any] = set()  # holds the node objects, so ids are never reused during the walk
     stack = [input.grad_fn]
     while stack:
@@ -135,8 +155,9 @@ def _direct_producers(input: Tensor) -> list[Any]:
         if node is None or node in seen:
             continue
         seen.add(node)
-        if isinstance(node, _DirectError._backward_cls):
-            found.append(node)
+        call = _call_of(node)
+        if call is not None:
+            found.append(call)
             continue
         stack.extend(next_node for next_node, _ in node.next_functions)
     return found
@@ -151,10 +172,9 @@ _FIX = (
 
 def _chain_for(layer: FeedbackLayer, input: Tensor) -> DirectChain:
     """The chain this call of ``layer`` continues (or a new one); raises for non-chains."""
-    producers = _direct_producers(input) if input.requires_grad else []
-    if not producers:
+    calls = _direct_producers(input) if input.requires_grad else []
+    if not calls:
         return DirectChain()
-    calls: list[_Call] = [node.call for node in producers]
     if len(calls) > 1:
         names = ", ".join(_describe(c.layer) for c in calls)
         raise RuntimeError(
@@ -198,13 +218,25 @@ def direct_forward(
     """
     if not torch.is_grad_enabled():
         return layer.native_forward(input), None
+    return _direct_call(layer, input, draw)
+
+
+# The chain is found by walking the autograd graph, which exists only when ops run (dynamo
+# traces fake tensors without one), and the backward passes carry state from layer to layer (the
+# output error): so torch.compile runs this part eagerly, one graph break per DFA layer, and
+# compiles the rest of the model. torch.func transforms need nothing special: their autograd
+# graph is real, made of functorch's copies of the _DirectError node (see _call_of).
+@torch.compiler.disable
+def _direct_call(
+    layer: FeedbackLayer, input: Tensor, draw: Draw
+) -> tuple[Tensor, DirectChain | None]:
     output = layer.native_forward(input.detach())  # weight grads only; the error comes via B
     if not (output.requires_grad or input.requires_grad):
         return output, None
     chain = _chain_for(layer, input)
     chain.layers.append(layer)
     call = _Call(chain, len(chain.layers) - 1, layer, draw)
-    return _DirectError.apply(output, input, call), chain
+    return _apply(_DirectError, output, input, call), chain
 
 
 def direct_feedback(
@@ -218,7 +250,8 @@ def direct_feedback(
     if error.shape[0] != input_shape[0]:
         raise RuntimeError(
             f"dfa: the output error has batch size {error.shape[0]} but the input of "
-            f"{_describe(layer)} has {input_shape[0]}: the first dimension must be the batch"
+            f"{_describe(layer)} has {input_shape[0]}: the first dimension must be the batch "
+            "(under torch.func.vmap over examples, call the model on x.unsqueeze(0))"
         )
     shape = (error[0].numel(), *input_shape[1:])
     feedback = layer.feedback_weight
@@ -230,7 +263,10 @@ def direct_feedback(
             f"another network output or input size; this pass needs {shape} = (output size, "
             "*input shape)"
         )
-    with torch.no_grad():
+    # B is state, not a function of the inputs: under torch.func transforms the draw and the
+    # in-place resize run below them (functorch would refuse to mutate a captured buffer, and
+    # vmap random ops), so every example of a vmap shares the one B the eager pass would draw.
+    with torch.no_grad(), torch._C._DisableFuncTorch():
         drawn = draw(layer, shape, layer.feedback_generator(feedback.device))
         feedback.resize_(shape).copy_(drawn)  # in place: the buffer object stays the same
     return feedback

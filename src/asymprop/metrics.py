@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._dynamo.eval_frame import OptimizedModule
 
 from .convert import exact_backprop, feedback_layers
 
@@ -93,6 +96,11 @@ def delta_alignment(
     state and all buffers (batch-norm running statistics) are left untouched, and the model's
     train/eval mode is kept.
 
+    A compiled model (``torch.compile(model)`` or ``model.compile()``) is measured on the
+    module it compiles, run eagerly: the same parameters and the same numbers, names without the
+    wrapper's ``_orig_mod.`` prefix, and the compiled code is neither re-traced nor invalidated
+    (the capture needs hooks that compiled code would not run).
+
     Returns:
         ``{qualified_name: angle_deg}`` in module order; NaN where an error is zero.
 
@@ -102,6 +110,7 @@ def delta_alignment(
 
     Paper: 000/001 (angles of deltas), 004 Fig. 2B.
     """
+    model = _uncompiled(model)
     layers = feedback_layers(model)
     if not layers:
         raise ValueError(
@@ -112,7 +121,8 @@ def delta_alignment(
     saved_states = [layer.get_extra_state() for _, layer in layers]
     devices = [inputs.device] if inputs.device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices):  # the caller's random stream is not consumed
+        # fork_rng: the caller's random stream is not consumed
+        with torch.random.fork_rng(devices=devices), _force_eager():
             seed = int(torch.randint(0, 2**62, (1,)))
             torch.manual_seed(seed)
             rule_errors = _input_errors(model, layers, loss_fn, inputs, targets)
@@ -133,6 +143,24 @@ def delta_alignment(
         ours, exact = rule_errors[name], bp_errors[name]
         angles[name] = math.nan if ours is None or exact is None else angle_deg(ours, exact)
     return angles
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile``'s ``OptimizedModule`` wrapper(s) (else itself)."""
+    while isinstance(model, OptimizedModule):
+        model = model._orig_mod
+    return model
+
+
+def _force_eager() -> AbstractContextManager[Any]:
+    """Run any compiled code called inside eagerly (``model.compile()``, compiled submodules).
+
+    The capture adds forward hooks and switches layers to exact backprop: compiled code would
+    skip the hooks or recompile for every switch. ``torch.compiler.set_stance`` appeared in
+    torch 2.6; before it, compiled code in place (``model.compile()``) recompiles instead.
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return nullcontext() if set_stance is None else set_stance("force_eager")
 
 
 def _input_errors(

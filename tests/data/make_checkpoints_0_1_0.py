@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, "/tmp/old/src")
-import asymprop  # noqa: E402
+import asymprop
 
 torch.set_num_threads(1)  # as the test suite (conftest.py): conv sums are ordered per thread count
 out = {}
