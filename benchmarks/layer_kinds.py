@@ -31,9 +31,9 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ModelSpec, Workload, time_model  # noqa: E402
+from harness import ModelSpec, Workload, time_model
 
-import asymprop  # noqa: E402, F401  (registers the layer kinds)
+import asymprop  # noqa: F401  (registers the layer kinds)
 
 
 class Transformer(nn.Module):
