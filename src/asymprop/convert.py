@@ -245,8 +245,11 @@ def audit(model: nn.Module) -> dict[str, str]:
     """
     root = unwrap(model)
     covered: set[int] = set()
+    chosen_bp: set[int] = set()
     for _, layer in feedback_layers(root):
-        if not getattr(layer, "_exact_backprop", False) and layer.rule.name != "bp":
+        if layer.rule.name == "bp":
+            chosen_bp.add(id(layer.weight))
+        elif not layer._exact_backprop:
             covered.add(id(layer.weight))
     left: dict[str, str] = {}
     done: set[int] = set()
@@ -255,7 +258,10 @@ def audit(model: nn.Module) -> dict[str, str]:
             name = f"{module_name}.{param_name}" if module_name else param_name
             if param.dim() < 2 or id(param) in covered or id(param) in done:
                 continue
-            reason = _reason(module, param_name, param)
+            if id(param) in chosen_bp:
+                reason: str | None = "rule 'bp' (exact backprop by choice)"
+            else:
+                reason = _reason(module, param_name, param)
             if reason is not None:
                 left[name] = reason
                 done.add(id(param))
@@ -272,9 +278,10 @@ def _reason(module: nn.Module, param_name: str, param: Tensor) -> str | None:
         if param is layer.feedback_weight:
             return None
         return f"{type(module).__name__} has a second weight {param_name!r} without feedback"
-    marks = getattr(module, "excluded_sites", {})
-    if param_name in marks:
-        return str(marks[param_name])
+    if isinstance(module, FeedbackContainer):
+        if param_name in module.excluded_sites:
+            return module.excluded_sites[param_name]
+        return f"{type(module).__name__} runs {param_name!r} without a feedback layer"
     mark = getattr(module, "_asymprop_excluded", None)
     if mark is not None:
         return str(mark)

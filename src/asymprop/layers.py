@@ -15,8 +15,9 @@ never check layer types):
 * ``feedback_forward(x, backward_weight)``: the same value, the input gradient through
   ``backward_weight``;
 * ``weight_op(x, weight)``: the op with another weight and the bias blocked (the mirror's drive);
-* ``input_grad(grad_output, backward_weight, input_shape)``: the error the op sends to its
-  input (the adjoint of ``weight_op(., backward_weight)``);
+* ``input_grad(grad_output, backward_weight, input)``: the error the op sends to its input
+  when it travels through ``backward_weight`` (for an op linear in its input, the adjoint of
+  ``weight_op(., backward_weight)``, which reads only the input's shape);
 * ``weight_grad(x, grad_output)``: the weight gradient, summed over examples and positions;
 * ``pairs(input_shape)``: how many (input, output) pairs each weight entry connects per example
   (1 for a Linear on ``(N, in)``; per kernel tap for a convolution): a "position";
@@ -33,7 +34,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +99,7 @@ class _InputError(torch.autograd.Function):
         layer: FeedbackLayer = ctx.layer
         grad_input = grad_bw = None
         if ctx.needs_input_grad[1]:
-            grad_input = layer.input_grad(grad_output, backward_weight, tuple(input.shape))
+            grad_input = layer.input_grad(grad_output, backward_weight, input)
         if ctx.needs_input_grad[2]:
             grad_bw = layer.weight_grad(input, grad_output)
         return grad_output, grad_input, grad_bw, None
@@ -120,6 +121,9 @@ class FeedbackLayer(nn.Module):
     feedback_state: dict[str, Any]
     weight: Tensor
     feedback_weight: Tensor
+    #: the op is linear in its input (every kind but the bilinear product): ``input_grad``
+    #: then reads only the input's shape, and fits can use ``weight_grad`` as its adjoint.
+    linear_in_input: ClassVar[bool] = True
 
     def forward(self, input: Tensor) -> Tensor:
         if self._exact_backprop:
@@ -151,12 +155,11 @@ class FeedbackLayer(nn.Module):
             return output
         return _apply(_InputError, output, input, backward_weight, self)
 
-    def input_grad(
-        self, grad_output: Tensor, backward_weight: Tensor, input_shape: Sequence[int]
-    ) -> Tensor:
-        """``dL/dx`` when the error travels through ``backward_weight``: the adjoint of
-        ``weight_op(., backward_weight)`` applied to ``grad_output``, of shape ``input_shape``."""
-        probe = grad_output.new_zeros(tuple(input_shape))
+    def input_grad(self, grad_output: Tensor, backward_weight: Tensor, input: Tensor) -> Tensor:
+        """``dL/dx`` when the error travels through ``backward_weight``: the vjp of
+        ``weight_op(., backward_weight)`` at ``input`` (for an op linear in its input, the
+        adjoint, whatever the input's values), of the input's shape."""
+        probe = input.detach().to(grad_output.dtype)
         vjp: Any = torch.func.vjp(lambda x: self.weight_op(x, backward_weight), probe)[1]
         return vjp(grad_output)[0]  # type: ignore[no-any-return]
 
@@ -264,11 +267,9 @@ class _MatrixKind(FeedbackLayer):
     def feedback_forward(self, input: Tensor, backward_weight: Tensor) -> Tensor:
         return feedback_linear(input, self.weight, self._torch.bias, backward_weight)
 
-    def input_grad(
-        self, grad_output: Tensor, backward_weight: Tensor, input_shape: Sequence[int]
-    ) -> Tensor:
+    def input_grad(self, grad_output: Tensor, backward_weight: Tensor, input: Tensor) -> Tensor:
         # (..., out) @ (out, in) -> (..., in)
-        return (grad_output @ backward_weight.to(grad_output.dtype)).reshape(tuple(input_shape))
+        return (grad_output @ backward_weight.to(grad_output.dtype)).reshape(input.shape)
 
     def weight_grad(self, input: Tensor, grad_output: Tensor) -> Tensor:
         g = grad_output.reshape(-1, grad_output.shape[-1])  # (rows, out)
@@ -353,11 +354,9 @@ class InOutLinear(FeedbackLayer):
         # the matrix kind on the transposed views: gradients flow back through .t()
         return feedback_linear(input, self.weight.t(), self._torch.bias, backward_weight.t())
 
-    def input_grad(
-        self, grad_output: Tensor, backward_weight: Tensor, input_shape: Sequence[int]
-    ) -> Tensor:
+    def input_grad(self, grad_output: Tensor, backward_weight: Tensor, input: Tensor) -> Tensor:
         # (..., out) @ (out, in) -> (..., in)
-        return (grad_output @ backward_weight.t().to(grad_output.dtype)).reshape(tuple(input_shape))
+        return (grad_output @ backward_weight.t().to(grad_output.dtype)).reshape(input.shape)
 
     def weight_grad(self, input: Tensor, grad_output: Tensor) -> Tensor:
         g = grad_output.reshape(-1, grad_output.shape[-1])  # (rows, out)
@@ -471,12 +470,10 @@ class _ConvKind(FeedbackLayer):
     def _output_pad(self, dims: int) -> Sequence[int]:
         return [0] * dims
 
-    def input_grad(
-        self, grad_output: Tensor, backward_weight: Tensor, input_shape: Sequence[int]
-    ) -> Tensor:
+    def input_grad(self, grad_output: Tensor, backward_weight: Tensor, input: Tensor) -> Tensor:
         if self._torch.padding_mode != "zeros" or isinstance(self._torch.padding, str):
-            return super().input_grad(grad_output, backward_weight, input_shape)
-        probe = grad_output.new_empty(()).expand(tuple(input_shape))  # only its shape is read
+            return super().input_grad(grad_output, backward_weight, input)
+        probe = grad_output.new_empty(()).expand(input.shape)  # only its shape is read
         return self._backward(
             grad_output, probe, backward_weight, self._torch.padding, [True, False, False]
         )[0]
@@ -551,10 +548,8 @@ class _ConvTransposeKind(_ConvKind):
             output_padding=self._output_pad(len(padding)),
         )
 
-    def input_grad(
-        self, grad_output: Tensor, backward_weight: Tensor, input_shape: Sequence[int]
-    ) -> Tensor:
-        probe = grad_output.new_empty(()).expand(tuple(input_shape))
+    def input_grad(self, grad_output: Tensor, backward_weight: Tensor, input: Tensor) -> Tensor:
+        probe = grad_output.new_empty(()).expand(input.shape)  # only its shape is read
         return self._backward(
             grad_output, probe, backward_weight, self._torch.padding, [True, False, False]
         )[0]
@@ -589,6 +584,68 @@ class FeedbackConvTranspose3d(_ConvTransposeKind, nn.ConvTranspose3d):
     """``nn.ConvTranspose3d`` whose input gradient is the convolution with B."""
 
 
+class BilinearSite(FeedbackLayer):
+    """The feedback layer of ``nn.Bilinear``: ``y_k = x1^T W_k x2 + b_k``, ``W (out, in1, in2)``.
+
+    Rules see one input, ``x = [x1, x2]`` concatenated on the last dimension (a weight-free op
+    in :class:`FeedbackBilinear`), and B of W's shape. The errors sent to the inputs travel
+    through B: ``dL/dx1 = sum_k g_k B_k x2`` and ``dL/dx2 = sum_k g_k B_k^T x1`` (each is the
+    product of B with the *other* input's activity, which stays exact: no weight is
+    transported); ``dL/dW_k = g_k x1 x2^T`` as in autograd. The op is not linear in ``x``, so
+    ``input_grad`` reads the input's values. ``fan_in`` is ``in1 * in2``, the products feeding
+    one output unit (FA's B is drawn at that scale; torch draws W with ``1/sqrt(in1)``). Weight
+    mirrors: for Gaussian noise on both inputs ``E[relu(y_k) x1_i x2_j] = W_kij / 2`` (given
+    x2, y_k is symmetric in x1), so B -> W as for a Linear, with heavier-tailed estimates: a
+    plateau of 34 degrees at the default batch (mean of 20 seeds, 30-40, for Bilinear(4, 6, 8)
+    after 40 mirror steps), against 25 for a Linear.
+    """
+
+    linear_in_input = False
+
+    def __init__(self, owner: nn.Bilinear) -> None:
+        super().__init__()
+        self._owner = (owner,)  # a tuple: the owner is not registered as a child (no cycle)
+
+    @property  # type: ignore[override]
+    def weight(self) -> Tensor:  # type: ignore[override]
+        return self._owner[0].weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self._owner[0].bias
+
+    def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        n1 = self._owner[0].in1_features
+        return x[..., :n1], x[..., n1:]
+
+    def native_forward(self, input: Tensor) -> Tensor:
+        return F.bilinear(*self._split(input), self.weight, self.bias)
+
+    def weight_op(self, input: Tensor, weight: Tensor) -> Tensor:
+        return F.bilinear(*self._split(input), weight)
+
+    def input_grad(self, grad_output: Tensor, backward_weight: Tensor, input: Tensor) -> Tensor:
+        x1, x2 = self._split(input.to(grad_output.dtype))
+        B = backward_weight.to(grad_output.dtype)
+        # (..., out), (out, in1, in2), (..., in2) -> (..., in1); and the same for x2
+        g1 = torch.einsum("...k,kij,...j->...i", grad_output, B, x2)
+        g2 = torch.einsum("...k,kij,...i->...j", grad_output, B, x1)
+        return torch.cat([g1, g2], -1)
+
+    def weight_grad(self, input: Tensor, grad_output: Tensor) -> Tensor:
+        x1, x2 = self._split(input.to(grad_output.dtype))
+        return torch.einsum("...k,...i,...j->kij", grad_output, x1, x2)  # (out, in1, in2)
+
+    def pairs(self, input_shape: Sequence[int]) -> Tensor:
+        return self.weight.detach().new_full((), float(math.prod(input_shape[1:-1])))
+
+    def default_input_shape(self) -> list[int] | None:
+        return [0, self.weight.shape[1] + self.weight.shape[2]]
+
+    def extra_repr(self) -> str:
+        return f"weight: {tuple(self.weight.shape)}, rule={self.rule!r}"
+
+
 class FeedbackContainer(nn.Module):
     """A converted multi-weight module (attention, recurrent layer): it keeps its Parameters and
     runs each weight matrix through a feedback layer (:class:`LinearSite`), or exactly where the
@@ -599,6 +656,39 @@ class FeedbackContainer(nn.Module):
     def to_plain(self) -> nn.Module:
         """The torch module with the same Parameters (``asymprop.revert``)."""
         raise NotImplementedError(f"{type(self).__name__} must define to_plain")
+
+
+class FeedbackBilinear(FeedbackContainer, nn.Bilinear):
+    """``nn.Bilinear`` whose weight carries feedback through its :class:`BilinearSite`
+    (child ``product``), called on ``[input1, input2]``; the same Parameters stay here."""
+
+    product: BilinearSite
+
+    def forward(self, input1: Tensor, input2: Tensor) -> Tensor:
+        return self.product(torch.cat([input1, input2], -1))  # (..., in1 + in2) -> (..., out)
+
+    def to_plain(self) -> nn.Module:
+        module = nn.Bilinear.__new__(nn.Bilinear)
+        state = {k: (v.copy() if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
+        state["_modules"].pop("product", None)
+        state.pop("excluded_sites", None)
+        module.__dict__.update(state)
+        return module
+
+
+def _convert_bilinear(
+    module: nn.Module, make_site: Callable[[str, FeedbackLayer], bool]
+) -> nn.Module:
+    new = FeedbackBilinear.__new__(FeedbackBilinear)
+    new.__dict__.update(
+        {k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
+    )
+    new.excluded_sites = {}
+    site = BilinearSite(new)
+    if not make_site("product", site):
+        return module
+    new.product = site
+    return new
 
 
 # ---------------------------------------------------------------------------------------------
@@ -620,7 +710,7 @@ _FEEDBACK_TYPES: dict[type[nn.Module], type[FeedbackLayer]] = {
 
 #: Multi-weight module type -> its converter (attention, recurrent layers; ``register_layer``).
 Converter = Callable[[nn.Module, Callable[[str, "LinearSite | FeedbackLayer"], bool]], nn.Module]
-_CONTAINERS: dict[type[nn.Module], Converter] = {}
+_CONTAINERS: dict[type[nn.Module], Converter] = {nn.Bilinear: _convert_bilinear}
 
 #: Kinds registered by qualified class name, for libraries asymprop does not import: resolved
 #: when a module of that type is met.

@@ -178,6 +178,8 @@ class _Seen:
     learns: bool  # its input error is needed (an input requires grad): B is used and fitted
     chain: DirectChain | None
     errors: list[Tensor | None]  # dL/dy at the layer's output per call, from the clean backward
+    # the inputs per call, kept only for kinds whose input error depends on them (bilinear)
+    inputs: list[Tensor] = field(default_factory=list)
     # a layer called once and fed by data only (not learning): its clean (input, output), which
     # the noisy pass reuses instead of recomputing when it sees the same input (the costly
     # first layer)
@@ -213,6 +215,8 @@ class _Record:
             seen.clean = None
         seen.learns = seen.learns or input.requires_grad
         seen.input_shapes.append(input.shape)
+        if not layer.linear_in_input:
+            seen.inputs.append(input.detach())
         seen.errors.append(None)
         output.register_hook(partial(_store_error, seen, len(seen.errors) - 1))
 
@@ -418,7 +422,9 @@ class RegressionRule(FeedbackRule):
                 for layer in learning:
                     regressor = self._regressor(record, layer)
                     if regressor is not None:
-                        self._fit(layer, regressor / scale, targets[layer], reduce)
+                        inputs = record.calls[layer].inputs
+                        clean = None if not inputs else torch.cat(inputs)
+                        self._fit(layer, regressor / scale, targets[layer], reduce, clean)
         for layer in owned:
             layer.feedback_state["steps"] = steps + 1
 
@@ -460,11 +466,16 @@ class RegressionRule(FeedbackRule):
         regressor: Tensor,
         target: Tensor,
         reduce: Callable[[Tensor], None],
+        inputs: Tensor | None = None,
     ) -> None:
-        """One SGD step on B, or the ridge solution over all data so far."""
+        """One SGD step on B, or the ridge solution over all data so far.
+
+        ``inputs``: the clean inputs (row blocks as the regressor's), needed only for kinds whose
+        input error depends on them (``layer.linear_in_input`` False).
+        """
         matrix = layer.feedback_matrix() if self.shape == "fa" else None
         if self.shape == "fa" and matrix is None:
-            self._fit_sgd_kind(layer, regressor, target, reduce)
+            self._fit_sgd_kind(layer, regressor, target, reduce, inputs)
             return
         if matrix is not None:  # rows: every leading position; (rows, out) and (rows, in)
             e = regressor.reshape(-1, regressor.shape[-1])
@@ -500,17 +511,25 @@ class RegressionRule(FeedbackRule):
         regressor: Tensor,
         target: Tensor,
         reduce: Callable[[Tensor], None],
+        inputs: Tensor | None = None,
     ) -> None:
         """SGD on B for any layer kind (convolutions, ...) through the layer-kind interface.
 
         ``g = input_grad(e, B)``; for an op linear in its input, ``<input_grad(e, B), r> =
         <e, op(r; B)>``, so ``d/dB 1/2 ||g - t||^2`` is the op's weight gradient for input
-        ``r = g - t`` and output gradient ``e``: two products, no third.
+        ``r = g - t`` and output gradient ``e``: two products, no third. Other kinds (bilinear)
+        take the vjp of ``input_grad``, which is linear in B, at the clean ``inputs``.
         """
         feedback = layer.feedback_weight
         e, t = regressor.to(feedback.dtype), target.to(feedback.dtype)
-        pred = layer.input_grad(e, feedback.detach(), t.shape)  # (N, *input_shape)
-        grad = layer.weight_grad(pred.sub_(t), e)
+        if layer.linear_in_input:
+            pred = layer.input_grad(e, feedback.detach(), t)  # (N, *input_shape): t's shape
+            grad = layer.weight_grad(pred.sub_(t), e)
+        else:
+            assert inputs is not None
+            x = inputs.to(feedback.dtype)
+            pred, vjp = torch.func.vjp(lambda b: layer.input_grad(e, b, x), feedback.detach())[:2]
+            grad = vjp(pred - t)[0]
         reduce(grad)
         feedback.sub_(self.lr_b * grad)
 
