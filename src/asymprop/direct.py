@@ -34,6 +34,14 @@ loss without passing a converted layer (an auxiliary loss on a hidden activation
 gradient to that layer's ``delta``. An unconverted output layer (``exclude``) makes the last
 converted layer the chain's output. Under ``torch.no_grad`` layers run their plain op.
 
+Transforms and the compiler. Under ``torch.func`` (``functional_call``, ``grad``, ``vmap``) the
+chain is found the same way: functorch's copy of the identity node carries the same context.
+Under ``vmap`` over examples each example is a batch of one, so call the model on
+``x.unsqueeze(0)``; B's first draw runs outside the transforms, once, from the same stream as an
+eager pass. ``torch.compile`` runs each layer's DFA part eagerly (the autograd graph it walks
+does not exist while dynamo traces): one graph break per layer, the rest compiles, and
+``fullgraph=True`` is refused.
+
 Paper: Nøkland 2016, "Direct feedback alignment provides learning in deep neural networks", as
 the DFA baseline of 004 (sec. 4.3, Table 1) and its DFA-shaped estimator g_DFA (sec. 3).
 """

@@ -10,6 +10,13 @@ Oracle (STYLE.md): each function equals the "detach trick"
 ``op(x.detach(), W) + op(x, B) - op(x, B).detach()`` in value and gradient, and equals the plain
 op when ``backward_weight is weight``; ``tests/test_functional.py`` checks both with float64
 ``gradcheck``.
+
+Transforms and the compiler (``tests/test_func.py``). Under ``torch.func`` (``functional_call``,
+``grad``, ``vjp``, ``vmap``) the functions behave as eagerly; ``generate_vmap_rule`` runs their
+forward and backward per example, so ``vmap(grad(loss), in_dims=(None, 0, 0))`` gives
+per-example gradients (KP's B included). ``torch.compile`` traces them whole (``fullgraph=True``
+works, any backend). Forward-mode AD (``jvp``, ``jacfwd``) is refused by torch: the backward pass
+is not the derivative of the forward pass, so no tangent rule is defined.
 """
 
 from __future__ import annotations
