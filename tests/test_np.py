@@ -348,8 +348,11 @@ def test_ridge_is_the_exact_regularised_least_squares_solution() -> None:
     expected = torch.linalg.solve(e.T @ e + 0.5 * torch.eye(3, dtype=torch.float64), e.T @ t)
     torch.testing.assert_close(layer.feedback_weight.double(), expected, rtol=1e-5, atol=1e-6)
     assert layer.get_buffer("feedback_gram").shape == (3, 3)
+    # a conv whose input is data (a stem) is never fitted, so conversion accepts it; a fit of
+    # a conv's B by ridge is refused with the fix
+    conv = convert(nn.Conv2d(2, 3, 3), "np", fit="ridge")
     with pytest.raises(ValueError, match="fit='ridge' and shape='fa'"):
-        convert(nn.Conv2d(2, 3, 3), "np", fit="ridge")
+        conv.rule._fit(conv, torch.randn(1, 3, 2, 2), torch.randn(1, 2, 4, 4), lambda t: None)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ mirrors, node perturbation, ...). See SCIENCE.md for the equations and README.md
     ['bp', 'brsf', 'fa']
 """
 
-from . import direct, functional, optim, perturbation
+from . import attention, direct, functional, optim, perturbation
 from .convert import audit, convert, exact_backprop, feedback_layers, revert, unwrap
 from .groups import param_groups
 from .layers import (

@@ -281,6 +281,8 @@ def _reason(module: nn.Module, param_name: str, param: Tensor) -> str | None:
     if isinstance(module, FeedbackContainer):
         if param_name in module.excluded_sites:
             return module.excluded_sites[param_name]
+        if param_name in module.no_transport:
+            return None
         return f"{type(module).__name__} runs {param_name!r} without a feedback layer"
     mark = getattr(module, "_asymprop_excluded", None)
     if mark is not None:

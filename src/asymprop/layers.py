@@ -652,6 +652,8 @@ class FeedbackContainer(nn.Module):
     user excluded it (named in ``excluded_sites``: parameter name -> reason, for ``audit``)."""
 
     excluded_sites: dict[str, str]
+    #: parameters of 2+ dims through which no error travels (attention's bias_k and bias_v)
+    no_transport: ClassVar[frozenset[str]] = frozenset()
 
     def to_plain(self) -> nn.Module:
         """The torch module with the same Parameters (``asymprop.revert``)."""

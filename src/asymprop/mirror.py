@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from .convert import feedback_layers, unwrap
 from .layers import FeedbackLayer
-from .rules import FA, FeedbackRule, StepContext, _check_range, register_rule
+from .rules import FeedbackRule, Init, StepContext, _check_range, random_feedback, register_rule
 
 __all__ = ["PAPER_OPTIONS", "WM", "mirror"]
 
@@ -151,7 +151,7 @@ class WM(FeedbackRule):
     nonlinearity: Nonlinearity = "relu"
     schedule: Schedule = "layerwise"
     baseline: float | None = None
-    init: Literal["uniform", "normal"] = "uniform"
+    init: Init = "uniform"
     gain: float = 1.0
 
     def validate(self) -> None:
@@ -220,7 +220,7 @@ class WM(FeedbackRule):
     def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
         layer.seed_feedback_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
         layer.feedback_state.update(mirror_steps=0, mirror_updates=0, warmed_up=False)
-        return FA(init=self.init, gain=self.gain).initial_feedback(layer, generator)
+        return random_feedback(layer, generator, self.init, self.gain)
 
     # --- engaged mode -----------------------------------------------------------------------
     def forward(self, layer: FeedbackLayer, input: Tensor) -> Tensor:

@@ -78,7 +78,8 @@ from .direct import (
     init_lazy_feedback,
     resize_lazy_feedback,
 )
-from .rules import FeedbackRule, StepContext, register_rule
+from .rules import FeedbackRule, Init, StepContext, random_feedback, register_rule
+from .train import DivergenceError
 
 if TYPE_CHECKING:
     from .layers import FeedbackLayer
@@ -296,17 +297,16 @@ def _global_rows(model: nn.Module, batch: int) -> tuple[int, int]:
     return sum(counts), sum(counts[: dist.get_rank()])
 
 
+def _describe_layer(step: StepContext, layer: FeedbackLayer) -> str:
+    name = next((n for n, other in step.layers if other is layer), None)
+    return repr(name) if name is not None else f"{type(layer).__name__}"
+
+
 def _freeze_forward_weights(model: nn.Module) -> None:
     """Warm-up: clear every forward parameter's gradient so ``optimizer.step()`` skips it."""
     for name, param in unwrap(model).named_parameters():
         if not name.rsplit(".", 1)[-1].startswith("feedback"):
             param.grad = None
-
-
-def _uniform_feedback(layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
-    """FA's default B: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` in W's shape."""
-    bound = 1.0 / math.sqrt(layer.fan_in)
-    return (torch.rand(layer.weight.shape, generator=generator) * 2 - 1) * bound
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,6 +328,8 @@ class RegressionRule(FeedbackRule):
     lr_b: float = 5e-4
     shape: Literal["fa", "dfa"] = "fa"
     warmup_steps: int = 0
+    init: Init = "uniform"
+    gain: float = 1.0
 
     needs_train_step = True
 
@@ -340,6 +342,8 @@ class RegressionRule(FeedbackRule):
             raise ValueError(
                 f"rule {self.name!r} option warmup_steps={self.warmup_steps!r} must be >= 0"
             )
+        if not self.gain > 0:
+            raise ValueError(f"rule {self.name!r} option gain={self.gain!r} must be > 0")
 
     # --- set-up -----------------------------------------------------------------------------
     def init_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> None:
@@ -349,23 +353,16 @@ class RegressionRule(FeedbackRule):
             super().init_feedback(layer, generator)
             layer.seed_feedback_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
             layer.register_load_state_dict_pre_hook(resize_lazy_feedback)
-            if self.fit == "ridge" and layer.feedback_matrix() is None:
-                raise ValueError(
-                    f"rule {self.name!r} with fit='ridge' and shape='fa' fits a matrix, but "
-                    f"{type(layer).__name__} does not send its error through one (a "
-                    "convolution): use fit='sgd', or shape='dfa' (whose B is a matrix for any "
-                    "layer)"
-                )
         if self.fit == "ridge":  # running sums, sized at the first fit
             layer.register_buffer("feedback_gram", layer.weight.detach().new_zeros(0))
             layer.register_buffer("feedback_cross", layer.weight.detach().new_zeros(0))
         layer.feedback_state["steps"] = 0
 
     def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
-        """``shape="fa"``: FA's uniform B in W's shape; ``"dfa"``: empty until first needed."""
+        """``shape="fa"``: FA's random B in W's shape; ``"dfa"``: empty until first needed."""
         if self.shape == "dfa":
             return layer.weight.detach().new_empty(0)
-        return _uniform_feedback(layer, generator)
+        return random_feedback(layer, generator, self.init, self.gain)
 
     def _draw_direct(
         self, layer: FeedbackLayer, shape: tuple[int, ...], generator: torch.Generator
@@ -425,6 +422,20 @@ class RegressionRule(FeedbackRule):
                         inputs = record.calls[layer].inputs
                         clean = None if not inputs else torch.cat(inputs)
                         self._fit(layer, regressor / scale, targets[layer], reduce, clean)
+                finite = torch.stack([layer.feedback_weight.isfinite().all() for layer in learning])
+                if not bool(finite.all()):  # one host sync per step
+                    bad = [
+                        _describe_layer(step, layer)
+                        for layer, ok in zip(learning, finite.tolist(), strict=True)
+                        if not ok
+                    ]
+                    raise DivergenceError(
+                        f"rule {self.name!r}: the fit of B made it non-finite in {', '.join(bad)} "
+                        f"(fit={self.fit!r}, lr_b={self.lr_b}); the SGD fit is stable only while "
+                        "lr_b times the largest eigenvalue of e^T e (summed over the batch and "
+                        "positions) stays below 2: lower lr_b, use fit='ridge', or draw B at "
+                        "W's scale with init='weight' if the errors are large"
+                    )
         for layer in owned:
             layer.feedback_state["steps"] = steps + 1
 
@@ -475,6 +486,13 @@ class RegressionRule(FeedbackRule):
         """
         matrix = layer.feedback_matrix() if self.shape == "fa" else None
         if self.shape == "fa" and matrix is None:
+            if self.fit == "ridge":  # checked here: a layer fed by data (a stem) is never fitted
+                raise ValueError(
+                    f"rule {self.name!r} with fit='ridge' and shape='fa' fits a matrix, but "
+                    f"{type(layer).__name__}(weight {tuple(layer.weight.shape)}) does not send "
+                    "its error through one (a convolution): use fit='sgd', or shape='dfa' "
+                    "(whose B is a matrix for any layer)"
+                )
             self._fit_sgd_kind(layer, regressor, target, reduce, inputs)
             return
         if matrix is not None:  # rows: every leading position; (rows, out) and (rows, in)
@@ -690,10 +708,14 @@ class Matched(FeedbackRule):
     name = "matched"
     lr_b: float = 0.01
     weight_decay: float = 1e-4
+    init: Init = "uniform"
+    gain: float = 1.0
 
     def validate(self) -> None:
         if not self.lr_b >= 0:
             raise ValueError(f"rule 'matched' option lr_b={self.lr_b!r} must be >= 0")
+        if not self.gain > 0:
+            raise ValueError(f"rule 'matched' option gain={self.gain!r} must be > 0")
         if not 0 <= self.weight_decay < 1:
             raise ValueError(
                 f"rule 'matched' option weight_decay={self.weight_decay!r} is out of range: "
@@ -701,7 +723,7 @@ class Matched(FeedbackRule):
             )
 
     def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
-        return _uniform_feedback(layer, generator)
+        return random_feedback(layer, generator, self.init, self.gain)
 
     def update_layer(self, layer: FeedbackLayer) -> None:
         feedback = layer.feedback_weight.mul_(1 - self.weight_decay)

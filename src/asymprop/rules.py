@@ -261,6 +261,9 @@ class BP(FeedbackRule):
         return layer.weight
 
 
+Init = Literal["uniform", "normal", "weight"]
+
+
 @register_rule
 @dataclass(frozen=True)
 class FA(FeedbackRule):
@@ -268,18 +271,24 @@ class FA(FeedbackRule):
 
     ``delta_l = phi'(y_l) * B_{l+1}^T delta_{l+1}`` with fixed B. By default B is drawn from the
     layer's own default initialisation, ``U(-gain/sqrt(fan_in), gain/sqrt(fan_in))``
-    (``init="uniform"``), or ``N(0, (gain/sqrt(fan_in))^2)`` (``init="normal"``).
+    (``init="uniform"``), or ``N(0, (gain/sqrt(fan_in))^2)`` (``init="normal"``), or at the
+    scale W actually has at conversion, ``N(0, (gain * std(W))^2)`` (``init="weight"``).
+
+    The scale matters: B sends errors of B's size, so a model whose W is initialised far below
+    torch's default (Hugging Face models: ``N(0, 0.02^2)``, about 5x smaller than
+    ``1/sqrt(fan_in)`` at width 768) gets errors several times larger than backprop's at every
+    layer, compounding with depth; ``init="weight"`` keeps them at backprop's size.
 
     Options:
-        init: ``"uniform"`` or ``"normal"``.
-        gain: multiplies the scale ``1/sqrt(fan_in)``.
+        init: ``"uniform"``, ``"normal"`` or ``"weight"``.
+        gain: multiplies the scale (``1/sqrt(fan_in)``, or W's standard deviation).
 
     Example: ``asymprop.convert(model, "fa", seed=0)``.
     Paper: Lillicrap et al. 2016, as described in 003 (eq. 3-4) and 004.
     """
 
     name = "fa"
-    init: Literal["uniform", "normal"] = "uniform"
+    init: Init = "uniform"
     gain: float = 1.0
 
     def validate(self) -> None:
@@ -287,11 +296,30 @@ class FA(FeedbackRule):
             raise ValueError(f"rule 'fa' option gain={self.gain!r} must be > 0")
 
     def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
-        bound = self.gain / math.sqrt(layer.fan_in)
-        shape = layer.weight.shape
-        if self.init == "uniform":
-            return (torch.rand(shape, generator=generator) * 2 - 1) * bound
-        return torch.randn(shape, generator=generator) * bound
+        return random_feedback(layer, generator, self.init, self.gain)
+
+
+def random_feedback(
+    layer: FeedbackLayer, generator: torch.Generator, init: str = "uniform", gain: float = 1.0
+) -> Tensor:
+    """FA's random B in W's shape (on the CPU generator): see :class:`FA` for ``init``.
+
+    Every rule that starts from a random B (``fa``, ``kp``, ``wm``, ``np``, ``sg``, ``matched``)
+    draws it here, so one seed gives them the same B.
+    """
+    shape = layer.weight.shape
+    if init == "weight":
+        std = float(layer.weight.detach().double().std()) if layer.weight.numel() > 1 else 0.0
+        if not std > 0:
+            raise ValueError(
+                f"init='weight' draws B at W's standard deviation, but W of {type(layer).__name__}"
+                f" (shape {tuple(shape)}) has std {std}: use init='uniform' or 'normal'"
+            )
+        return torch.randn(shape, generator=generator) * (gain * std)
+    bound = gain / math.sqrt(layer.fan_in)
+    if init == "uniform":
+        return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+    return torch.randn(shape, generator=generator) * bound
 
 
 @register_rule
@@ -497,7 +525,7 @@ class KP(FeedbackRule):
     own hyperparameters for ablations. B starts random, drawn as for ``fa``.
 
     Options:
-        init: ``"uniform"`` or ``"normal"`` (the initial random B, as ``fa``).
+        init: ``"uniform"``, ``"normal"`` or ``"weight"`` (the initial random B, as ``fa``).
         gain: multiplies the initial scale ``1/sqrt(fan_in)``.
 
     Example:
@@ -509,7 +537,7 @@ class KP(FeedbackRule):
 
     name = "kp"
     trainable_feedback = True
-    init: Literal["uniform", "normal"] = "uniform"
+    init: Init = "uniform"
     gain: float = 1.0
 
     def validate(self) -> None:
@@ -517,7 +545,7 @@ class KP(FeedbackRule):
             raise ValueError(f"rule 'kp' option gain={self.gain!r} must be > 0")
 
     def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
-        return FA(init=self.init, gain=self.gain).initial_feedback(layer, generator)
+        return random_feedback(layer, generator, self.init, self.gain)
 
     def before_forward(self, step: StepContext) -> None:
         # An optimizer built before convert() does not hold B: KP would silently become FA.
