@@ -51,6 +51,7 @@ __all__ = [
     "StepContext",
     "alignment",
     "angle_deg",
+    "attention",
     "audit",
     "convert",
     "delta_alignment",
