@@ -31,7 +31,7 @@ try:
 except ImportError:  # a checkout that is not installed (e.g. run by another interpreter)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import asymprop
-from asymprop.models import build_model
+from asymprop.harness.models import build_model
 
 JSON_TAG = "BENCH-JSON "  # a worker's result line on stdout
 

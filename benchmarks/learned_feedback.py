@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import asymprop
-from asymprop.data import load_dataset
+from asymprop.harness.data import load_dataset
+from asymprop.harness.models import build_model
+from asymprop.harness.records import parse_scalar
 from asymprop.mirror import WM
-from asymprop.models import build_model
-from asymprop.records import parse_scalar
 
 MODELS = {"mlp": ("mlp", 3), "lenet": ("liao-mnist", 2)}
 START = time.perf_counter()
@@ -44,7 +44,7 @@ STEPS_PER_ROUND = 4
 
 
 def _parse_value(text: str) -> Any:
-    """A ``--wm key=value`` value: ``None``, or as :func:`asymprop.records.parse_scalar`."""
+    """A ``--wm key=value`` value: ``None``, or as :func:`asymprop.harness.records.parse_scalar`."""
     return None if text == "None" else parse_scalar(text)
 
 

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import asymprop
-from asymprop.data import load_dataset
-from asymprop.models import build_model
+from asymprop.harness.data import load_dataset
+from asymprop.harness.models import build_model
 
 
 def half_sse(outputs: Tensor, targets: Tensor) -> Tensor:

@@ -16,8 +16,14 @@ import pytest
 import yaml
 
 import asymprop
-from asymprop.cli import main
-from asymprop.records import METRIC_COLUMNS, RESULT_COLUMNS, layer_columns, read_csv, read_yaml
+from asymprop.harness.cli import main
+from asymprop.harness.records import (
+    METRIC_COLUMNS,
+    RESULT_COLUMNS,
+    layer_columns,
+    read_csv,
+    read_yaml,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = ["--epochs", "1", "--train-size", "200", "align_batch_size=64", "--quiet"]
@@ -95,7 +101,7 @@ def test_compare_every_rule_end_to_end_and_report(
 
 
 def compare_rules(out: Path) -> list[str]:
-    from asymprop.compare import compare_config
+    from asymprop.harness.compare import compare_config
 
     return compare_config(read_yaml(out / "config.yaml")).rule_names()
 
@@ -121,12 +127,12 @@ def test_config_file_flags_and_overrides(tmp_path: Path) -> None:
 
 
 def test_named_experiment_configs_parse() -> None:
-    from asymprop.compare import compare_config
-    from asymprop.experiment import RunConfig, check_config
+    from asymprop.harness.compare import compare_config
+    from asymprop.harness.experiment import RunConfig, check_config
 
-    # experiments/ also holds the configs of asymprop.reproduce's items (tested there)
+    # experiments/ also holds the configs of asymprop.harness.reproduce's items (tested there)
     try:
-        from asymprop.reproduce import ITEMS
+        from asymprop.harness.reproduce import ITEMS
     except ImportError:
         ITEMS = {}
     files = [p for p in sorted((REPO / "experiments").glob("*.yaml")) if p.stem not in ITEMS]
@@ -147,7 +153,7 @@ def test_named_experiment_configs_parse() -> None:
 
 
 def test_compare_rule_opt_applies_to_rules_that_have_it(tmp_path: Path) -> None:
-    from asymprop.cli import _build_parser, _compare_config
+    from asymprop.harness.cli import _build_parser, _compare_config
 
     args = _build_parser().parse_args(
         ["compare", "--rules", "bp,brsf,frsf", "--rule-opt", "flip=0.25", "--rule-opt",

@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch.utils.data import Subset, TensorDataset
 
-from asymprop import data
-from asymprop.data import DatasetNotFoundError, list_datasets, load_dataset
+from asymprop.harness import data
+from asymprop.harness.data import DatasetNotFoundError, list_datasets, load_dataset
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import torch
 
-from asymprop.checkpoint import read_checkpoint
-from asymprop.experiment import CHECKPOINT, RunConfig, train
-from asymprop.records import read_csv
+from asymprop.harness.checkpoint import read_checkpoint
+from asymprop.harness.experiment import CHECKPOINT, RunConfig, train
+from asymprop.harness.records import read_csv
 
 WORLD = 2
 ARGS = [

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import asymprop
-from asymprop import distributed
+from asymprop.harness import distributed
 
 RULES = ["bp", "fa", "kp", "wm", "brsf", "np"]
 # WM's default mirror batch is the layer's last batch, which is a rank's share under DDP: fix it

@@ -9,8 +9,14 @@ import pytest
 import torch
 
 import asymprop
-from asymprop.compare import MAIN_JOB_RULE_OPTIONS, CompareConfig, compare_config, plan, report
-from asymprop.experiment import (
+from asymprop.harness.compare import (
+    MAIN_JOB_RULE_OPTIONS,
+    CompareConfig,
+    compare_config,
+    plan,
+    report,
+)
+from asymprop.harness.experiment import (
     ConfigError,
     RunConfig,
     check_config,
@@ -21,7 +27,7 @@ from asymprop.experiment import (
     prepare,
     train,
 )
-from asymprop.records import (
+from asymprop.harness.records import (
     append_row,
     mean_se,
     read_csv,

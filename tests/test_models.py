@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from asymprop.models import (
+from asymprop.harness.models import (
     BasicBlock,
     Bottleneck,
     ResNet,

@@ -184,7 +184,7 @@ def test_fixed_w_ridge_recovers_w_on_fashion_mnist() -> None:
     they are batched) for 4000 steps. Measured: top rel. error 0.090, concordance 0.995; middle
     concordance 0.49 -> 0.57 -> 0.60 -> 0.62 -> 0.63 and delta angle 92 -> 6.5 deg.
     """
-    from asymprop.data import DatasetNotFoundError, load_dataset
+    from asymprop.harness.data import DatasetNotFoundError, load_dataset
 
     try:
         data = load_dataset("fashion-mnist")

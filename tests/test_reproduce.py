@@ -1,5 +1,5 @@
-"""The reproduction suite (asymprop.reproduce): the papers' robust qualitative claims at small
-scale (fast), and the whole ``--quick`` suite end to end (slow)."""
+"""The reproduction suite (asymprop.harness.reproduce): the papers' robust qualitative claims at
+small scale (fast), and the whole ``--quick`` suite end to end (slow)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from asymprop.experiment import DataCache
-from asymprop.reproduce import (
+from asymprop.harness.experiment import DataCache
+from asymprop.harness.reproduce import (
     ITEMS,
     _classification_run,
     _kp_curve,
@@ -70,7 +70,7 @@ def test_kp_gap_follows_the_geometric_law() -> None:
             "log_every": 10,
         }
     }
-    from asymprop.data import load_dataset
+    from asymprop.harness.data import load_dataset
 
     x, y = load_dataset("digits").train.tensors  # type: ignore[attr-defined]
     curve = _kp_curve(config, 0.1, x, y)
@@ -82,7 +82,7 @@ def test_kp_gap_follows_the_geometric_law() -> None:
 def test_wm_angle_reaches_the_predicted_plateau() -> None:
     """000 eq. 21: mirror mode takes B to k W, up to the finite-batch noise floor."""
     config = {"wm": {"widths": [32], "mirror_batch": 256, "steps": 30, "log_every": 10}}
-    from asymprop.data import load_dataset
+    from asymprop.harness.data import load_dataset
 
     x, _ = load_dataset("digits").train.tensors  # type: ignore[attr-defined]
     curve = _wm_curve(config, {"eta_b": 1.0, "decay": 0.5}, x)
@@ -141,7 +141,7 @@ def test_usf_bn_bm_keeps_up_with_sgd_and_clamping_stops_random_feedback(tmp_path
 
 @pytest.mark.slow
 def test_quick_suite_runs_every_item(tmp_path: Path) -> None:
-    """``python -m asymprop.reproduce --quick``: every item writes its table, rows and figures."""
+    """``python -m asymprop.harness.reproduce --quick``: every item writes tables and figures."""
     assert main(["--quick", "--out", str(tmp_path)]) == 0
     for name in ITEMS:
         directory = tmp_path / name
@@ -155,7 +155,7 @@ def test_reuse_reads_back_a_finished_run_and_only_that(
 ) -> None:
     """``--reuse``: a finished run of the same settings is read back, not trained again; a run
     with other settings, or one that did not reach its last epoch, is trained."""
-    import asymprop.reproduce as reproduce
+    import asymprop.harness.reproduce as reproduce
 
     settings = {**DIGITS, "epochs": 1, "rule": "fa", "seed": 0, "train_size": 200}
     cache: DataCache = {}
@@ -184,7 +184,7 @@ def test_reuse_reads_back_a_finished_run_and_only_that(
 
 
 def test_cli_reproduce_names_the_valid_items(capsys: pytest.CaptureFixture[str]) -> None:
-    from asymprop.cli import main as cli_main
+    from asymprop.harness.cli import main as cli_main
 
     assert cli_main(["reproduce", "no-such-item"]) == 2
     assert "liao-digits" in capsys.readouterr().err

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import torch
 
-from asymprop.checkpoint import TEMP_PREFIX, read_checkpoint, write_atomic
-from asymprop.experiment import (
+from asymprop.harness.checkpoint import TEMP_PREFIX, read_checkpoint, write_atomic
+from asymprop.harness.experiment import (
     CHECKPOINT,
     ConfigError,
     Interrupted,
@@ -34,8 +34,8 @@ from asymprop.experiment import (
     resume_config,
     train,
 )
-from asymprop.guard import StopSignals
-from asymprop.records import read_csv
+from asymprop.harness.guard import StopSignals
+from asymprop.harness.records import read_csv
 
 RULES: dict[str, dict[str, Any]] = {
     "bp": {},

@@ -32,9 +32,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import asymprop
-from asymprop.checkpoint import read_checkpoint
-from asymprop.cli import main
-from asymprop.experiment import (
+from asymprop.harness.checkpoint import read_checkpoint
+from asymprop.harness.cli import main
+from asymprop.harness.experiment import (
     CHECKPOINT,
     RunConfig,
     RunDivergedError,
@@ -42,8 +42,8 @@ from asymprop.experiment import (
     prepare,
     train,
 )
-from asymprop.guard import first_nonfinite
-from asymprop.records import read_csv
+from asymprop.harness.guard import first_nonfinite
+from asymprop.harness.records import read_csv
 
 TINY = ["--train-size", "120", "--model-opt", "widths=[16]", "align_batch_size=32", "threads=1"]
 
@@ -142,7 +142,7 @@ def test_skip_mode_skips_a_non_finite_loss_and_lowers_the_lr(
         for epoch_steps in [run.steps_per_epoch()]
     ]
     assert len(bad_steps) == 2
-    with caplog.at_level(logging.WARNING, logger="asymprop.experiment"):
+    with caplog.at_level(logging.WARNING, logger="asymprop.harness.experiment"):
         rows = train(config, run=run, plots=False)
     for step, scale in zip(bad_steps, ("0.25", "0.0625"), strict=True):
         skipped = (
@@ -165,7 +165,7 @@ def test_skip_mode_rolls_back_a_non_finite_weight(
     )  # fmt: skip
     run = prepare(config)
     hook = AtStep(6, lambda: poison(run, "1.feedback_weight"))
-    with caplog.at_level(logging.WARNING, logger="asymprop.experiment"):
+    with caplog.at_level(logging.WARNING, logger="asymprop.harness.experiment"):
         rows = train(config, run=run, progress=hook, plots=False)
     assert (
         "after step 6: feedback_weight of layer '1' is nan; back to the checkpoint of step 4"
@@ -182,7 +182,7 @@ def test_skip_mode_recovers_from_a_huge_lr_by_rolling_back(
     """usf with lr 1e30: step 1 blows the weights up, steps 2 and 3 have a NaN loss, so the run
     goes back to the checkpoint of step 0 with lr 1e30 * 1e-28 = 100, and trains."""
     config = tiny(tmp_path / "run", rule="usf", lr=1e30, on_divergence="skip", lr_backoff=1e-28)
-    with caplog.at_level(logging.WARNING, logger="asymprop.experiment"):
+    with caplog.at_level(logging.WARNING, logger="asymprop.harness.experiment"):
         rows = train(config, plots=False)
     assert "step 2: loss is nan; step skipped" in caplog.text
     assert "steps 2 and 3: loss is nan; back to the checkpoint of step 0" in caplog.text

@@ -415,7 +415,7 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _fashion(train_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from asymprop.data import DatasetNotFoundError, load_dataset
+    from asymprop.harness.data import DatasetNotFoundError, load_dataset
 
     try:
         data = load_dataset("fashion-mnist")

@@ -2,11 +2,11 @@
 
     results, table = compare(CompareConfig(rules=["bp", "fa", "usf"], seeds=[0, 1, 2]))
 
-Every run is an ordinary :func:`asymprop.experiment.train` run in ``out/runs/<name>/``. After
-each run ``out/results.csv`` is rewritten (one row per finished run, so an interrupted
-comparison keeps what it did); at the end ``out/summary.md`` (mean ± s.e. over seeds per rule,
-model and dataset) and the plots of :mod:`asymprop.plotting`. :func:`report` redraws both from
-the files alone.
+Every run is an ordinary :func:`asymprop.harness.experiment.train` run in
+``out/runs/<name>/``. After each run ``out/results.csv`` is rewritten (one row per finished run,
+so an interrupted comparison keeps what it did); at the end ``out/summary.md`` (mean ± s.e. over
+seeds per rule, model and dataset) and the plots of :mod:`asymprop.harness.plotting`.
+:func:`report` redraws both from the files alone.
 
 With no settings, :class:`CompareConfig` is *the main job*: every registered rule on ``digits``
 with a small MLP, offline, about a minute on two CPU cores. Its choices, the same for every
@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..rules import RULES
+from ..train import DivergenceError
 from .distributed import DistInfo
 from .experiment import (
     ConfigError,
@@ -62,8 +64,6 @@ from .records import (
     write_csv,
     write_yaml,
 )
-from .rules import RULES
-from .train import DivergenceError
 
 __all__ = [
     "MAIN_JOB_MODEL_OPTIONS",
@@ -125,7 +125,7 @@ class CompareConfig:
         rule_settings: per rule name, shared settings that differ for that rule
             (``{usf: {lr: 0.5}}``); they replace the shared value, whole (a ``lr_schedule``
             given here replaces the shared schedule).
-        settings: every other :class:`~asymprop.experiment.RunConfig` setting, shared by all
+        settings: every other :class:`~asymprop.harness.experiment.RunConfig` setting, shared by all
             runs (epochs, batch_size, optimizer, lr, ...).
         out: the comparison's directory.
     """
@@ -219,7 +219,7 @@ def plan(
     ``world_size``: the processes of a torchrun job (the global batch must split evenly).
 
     Raises:
-        ConfigError, ValueError, TypeError, asymprop.data.DatasetNotFoundError.
+        ConfigError, ValueError, TypeError, asymprop.harness.data.DatasetNotFoundError.
     """
     rules = config.rule_names()
     for axis, values in (("rules", rules), ("models", config.models), ("data", config.data)):

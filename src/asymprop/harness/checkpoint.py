@@ -1,7 +1,7 @@
 """Checkpoint files that a run continues from bit for bit, and that no kill can corrupt.
 
 A checkpoint is one ``torch.save`` file (a dict of tensors and plain data, loadable with
-``weights_only=True``). :mod:`asymprop.experiment` fills it with the model's ``state_dict``
+``weights_only=True``). :mod:`asymprop.harness.experiment` fills it with the model's ``state_dict``
 (weights, feedback weights, and rule state: frSF's M and NP's statistics are buffers, WM's
 schedule and every layer's random-stream position are ``feedback_state``, saved as
 ``_extra_state``), the optimizer's and grad scaler's ``state_dict``, the random states from

@@ -1,9 +1,9 @@
 """The papers' claims, re-measured: one named experiment per claim, its table and its figure.
 
-    python -m asymprop.reproduce                      # every item, as in docs/REPRODUCTION.md
-    python -m asymprop.reproduce --quick              # a reduced version of every item
-    python -m asymprop.reproduce --only liao-digits   # one item
-    python -m asymprop.reproduce --reuse              # train only the runs not yet finished
+    python -m asymprop.harness.reproduce                      # every item (docs/REPRODUCTION.md)
+    python -m asymprop.harness.reproduce --quick              # a reduced version of every item
+    python -m asymprop.harness.reproduce --only liao-digits   # one item
+    python -m asymprop.harness.reproduce --reuse              # train only the runs not yet finished
 
 Each item reads ``experiments/<item>.yaml`` (its ``quick:`` section overrides the rest under
 ``--quick``), trains its runs one after another on one thread each, and writes to
@@ -22,7 +22,7 @@ over seeds) and its figures (PNG, also copied to ``docs/figures/`` for a full ru
 | ``lansdell-autoencoder`` | 004 Table 2a, Fig. 3 | the 784-200-2-200-784 autoencoder |
 | ``feedback-convergence`` | 003 eq. 14, 000 eq. 21 | KP's B - W decay, WM's mirror mode: theory |
 
-Classification items use the ordinary run loop (:func:`asymprop.experiment.train`); the
+Classification items use the ordinary run loop (:func:`asymprop.harness.experiment.train`); the
 Lansdell items need an MSE loss on one-hot targets, activation or input noise and per-step
 metrics, so they run :func:`asymprop.train_step` in a loop here.
 """
@@ -45,16 +45,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..convert import convert, feedback_layers
+from ..metrics import alignment, delta_alignment
+from ..mirror import mirror
+from ..optim import make_optimizer
+from ..train import DivergenceError, train_step
 from .config import config_from_dict
-from .convert import convert, feedback_layers
 from .data import load_dataset
 from .experiment import DataCache, RunConfig, prepare, train
-from .metrics import alignment, delta_alignment
-from .mirror import mirror
 from .models import build_model
-from .optim import make_optimizer
 from .records import mean_se, read_csv, read_yaml
-from .train import DivergenceError, train_step
 
 __all__ = [
     "ITEMS",
@@ -68,7 +68,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 EXPERIMENTS = ROOT / "experiments"
 FIGURES = ROOT / "docs" / "figures"
 DPI = 100
@@ -188,7 +188,7 @@ def _classification_run(
     freeze: str | None = None,
     reuse: bool = False,
 ) -> list[dict[str, Any]]:
-    """One :func:`asymprop.experiment.train` run; ``freeze`` clamps layers (Liao's C2).
+    """One :func:`asymprop.harness.experiment.train` run; ``freeze`` clamps layers (Liao's C2).
 
     ``freeze="bottom"``: the last layer keeps its random initial weights and only the layers
     below learn; ``"top"``: only the last layer learns. Clamped parameters are taken out of the
@@ -969,7 +969,7 @@ def run_item(
     directory.mkdir(parents=True, exist_ok=True)
     result = ITEMS[name](name, config, directory)
     _write_rows(directory / "results.csv", result.rows)
-    command = f"python -m asymprop.reproduce --only {name}" + (" --quick" if quick else "")
+    command = f"python -m asymprop.harness.reproduce --only {name}" + (" --quick" if quick else "")
     (directory / "table.md").write_text(
         f"{result.table}\n\nWall time: {result.seconds:.0f} s (`{command}`)\n"
     )
@@ -981,9 +981,9 @@ def run_item(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m asymprop.reproduce [--quick] [--only ITEM ...] [--out DIR]``."""
+    """``python -m asymprop.harness.reproduce [--quick] [--only ITEM ...] [--out DIR]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m asymprop.reproduce",
+        prog="python -m asymprop.harness.reproduce",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -1003,7 +1003,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("asymprop.experiment").setLevel(logging.WARNING)
+    logging.getLogger("asymprop.harness.experiment").setLevel(logging.WARNING)
     figures = None if (args.quick or args.no_figures) else FIGURES
     for name in args.only or list(ITEMS):
         result = run_item(name, args.quick, args.out, figures, args.reuse)

@@ -16,9 +16,9 @@ Launch::
 
 and in a script of your own::
 
-    info = asymprop.distributed.init()            # reads torchrun's environment (no-op alone)
+    info = asymprop.harness.distributed.init()   # reads torchrun's environment (no-op alone)
     model = asymprop.convert(build(), "kp", seed=0).to(info.device)
-    model = asymprop.distributed.wrap(model, info)  # DDP, or the model itself in one process
+    model = asymprop.harness.distributed.wrap(model, info)  # DDP, or the model itself alone
     ... asymprop.train_step(model, opt, loss_fn, x, y)  # DDP-wrapped models are accepted
 """
 
@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .convert import feedback_layers
+from ..convert import feedback_layers
 
 __all__ = [
     "DistInfo",

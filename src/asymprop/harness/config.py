@@ -22,12 +22,12 @@ from typing import Any, Literal
 
 import torch
 
+from ..mirror import WM
+from ..optim import OPTIMIZERS
+from ..rules import RULES, make_rule
 from .data import list_datasets
-from .mirror import WM
 from .models import list_models
-from .optim import OPTIMIZERS
 from .records import parse_scalar
-from .rules import RULES, make_rule
 
 __all__ = [
     "RESUMABLE",
@@ -128,11 +128,11 @@ class RunConfig:
 
     Attributes:
         rule: a name from ``asymprop.RULES``; rule_options: its options (``flip: 0.25``).
-        model: a name from ``asymprop.models.list_models()``; model_options: the builder's
+        model: a name from ``asymprop.harness.models.list_models()``; model_options: the builder's
             keyword options (``widths: [128, 128]``, ``batchnorm: true``,
             ``bn_position: after``).
-        data: a name from ``asymprop.data.list_datasets()``; data_dir, download: where to find
-            or fetch its files; train_size: keep this many training examples (None: all);
+        data: a name from ``asymprop.harness.data.list_datasets()``; data_dir, download: where to
+            find or fetch its files; train_size: keep this many training examples (None: all);
             test_size: score on the first this many test examples (None: all).
         epochs, batch_size: passes over the training set, examples per step (the global batch:
             under torchrun each of N processes trains on ``batch_size / N`` of them).

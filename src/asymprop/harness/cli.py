@@ -309,9 +309,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     reproduce = sub.add_parser(
         "reproduce",
-        help="re-run the papers' experiments of docs/REPRODUCTION.md (asymprop.reproduce)",
+        help="re-run the papers' experiments of docs/REPRODUCTION.md (asymprop.harness.reproduce)",
         description="Run the named reproduction items (all when none is named); same as "
-        "python -m asymprop.reproduce.",
+        "python -m asymprop.harness.reproduce.",
     )
     reproduce.add_argument("items", nargs="*", metavar="NAME", help="items (default: all)")
     reproduce.add_argument("--quick", action="store_true", help="a reduced version of each")
@@ -438,8 +438,8 @@ def _train_config(args: argparse.Namespace) -> Any:
 
 
 def _compare_config(args: argparse.Namespace) -> Any:
+    from ..rules import RULES
     from .compare import compare_config
-    from .rules import RULES
 
     data = _settings(args, _FLAGS_COMPARE)
     config = compare_config(data, f"config {args.config}" if args.config else "settings")
@@ -468,7 +468,7 @@ def _compare_config(args: argparse.Namespace) -> Any:
 def _options(rule: str) -> list[str]:
     import dataclasses
 
-    from .rules import RULES
+    from ..rules import RULES
 
     return [f.name for f in dataclasses.fields(RULES[rule])]
 
@@ -650,10 +650,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_list(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from ..optim import OPTIMIZERS
+    from ..rules import RULES
     from .data import list_datasets
     from .models import list_models, model_options
-    from .optim import OPTIMIZERS
-    from .rules import RULES
 
     print("rules (--rule, --rule-opt KEY=VALUE):")
     for name, cls in RULES.items():

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .convert import unwrap
+from ..convert import unwrap
 
 __all__ = ["NonFinite", "StopSignals", "first_nonfinite", "largest_weight"]
 

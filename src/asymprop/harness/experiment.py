@@ -21,10 +21,11 @@ so the order of epoch ``e`` does not depend on what ran before it. Evaluation ru
 ``torch.random.fork_rng`` and leaves the training stream untouched. The train/test split itself
 is fixed (seed 0), so all seeds are scored on the same test set.
 
-**Checkpoints and resume.** ``checkpoint.pt`` is replaced atomically (``asymprop.checkpoint``)
-after every epoch, every ``checkpoint_every_steps`` steps, and when SIGINT/SIGTERM stop the run
-(:class:`~asymprop.guard.StopSignals`). It holds all the rest of the run depends on: the model's
-``state_dict`` (weights, feedback weights and rule state), optimizer and grad-scaler state, the
+**Checkpoints and resume.** ``checkpoint.pt`` is replaced atomically
+(``asymprop.harness.checkpoint``) after every epoch, every ``checkpoint_every_steps`` steps, and
+when SIGINT/SIGTERM stop the run (:class:`~asymprop.harness.guard.StopSignals`). It holds all
+the rest of the run depends on: the model's ``state_dict`` (weights, feedback weights and rule
+state), optimizer and grad-scaler state, the
 random states, the position (epoch, step, batch within the epoch, the epoch's loss so far), the
 learning-rate scale and the ``metrics.csv`` rows so far. The learning-rate schedule is a pure
 function of the position and the data order of ``(seed, epoch)``, so nothing else is needed:
@@ -33,7 +34,7 @@ rows but ``seconds``, same weights, bit for bit on CPU with the same thread coun
 
 **Divergence.** ``train_step`` refuses a non-finite loss before touching the weights; every
 ``check_every_steps`` steps and before every checkpoint the weights, feedback weights and rule
-buffers are scanned (:func:`~asymprop.guard.first_nonfinite`), so no checkpoint ever holds a
+buffers are scanned (:func:`~asymprop.harness.guard.first_nonfinite`), so no checkpoint ever holds a
 NaN. ``on_divergence: stop`` raises :class:`RunDivergedError` naming rule, step and layer;
 ``skip`` skips a step whose loss is not finite, goes back to the last checkpoint when a weight
 is (or when two steps in a row had a non-finite loss: the weights are finite but blown up), and
@@ -72,6 +73,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data import Dataset as TorchDataset
 
+from ..convert import convert, feedback_layers
+from ..metrics import alignment, delta_alignment
+from ..mirror import mirror
+from ..optim import make_optimizer
+from ..train import DivergenceError, train_step
 from .checkpoint import capture_rng, read_checkpoint, remove_stale, restore_rng, write_atomic
 from .config import (
     RESUMABLE,
@@ -82,16 +88,11 @@ from .config import (
     config_from_dict,
     resolve_device,
 )
-from .convert import convert, feedback_layers
 from .data import Dataset, load_dataset
 from .distributed import DistInfo, wrap
 from .guard import StopSignals, first_nonfinite, largest_weight
-from .metrics import alignment, delta_alignment
-from .mirror import mirror
 from .models import build_model
-from .optim import make_optimizer
 from .records import METRIC_COLUMNS, append_row, layer_columns, write_csv, write_yaml
-from .train import DivergenceError, train_step
 
 __all__ = [
     "CHECKPOINT",
@@ -285,12 +286,12 @@ def prepare(
     Args:
         config: the run.
         cache: datasets shared between runs.
-        dist_info: this process's place in a torchrun job (``asymprop.distributed.init()``);
+        dist_info: this process's place in a torchrun job (``asymprop.harness.distributed.init()``);
             the model is wrapped in ``DistributedDataParallel`` when there are several.
 
     Raises:
         ConfigError, ValueError, TypeError: bad setting (names it and the valid values).
-        asymprop.data.DatasetNotFoundError: the data is not on disk (says how to get it).
+        asymprop.harness.data.DatasetNotFoundError: the data is not on disk (says how to get it).
     """
     world_size = dist_info.world_size if dist_info is not None else 1
     check_config(config, world_size)
@@ -715,7 +716,7 @@ def load_checkpoint(run: Run, path: str | Path) -> None:
     """Restore a :func:`save_checkpoint` file into a prepared run of the same config.
 
     Raises:
-        asymprop.checkpoint.CheckpointError: no such file, or not a checkpoint.
+        asymprop.harness.checkpoint.CheckpointError: no such file, or not a checkpoint.
         ConfigError: the checkpoint was written by a run with other settings (names them).
     """
     state = read_checkpoint(path)
@@ -751,7 +752,7 @@ def resume_config(
     ``out`` becomes ``directory`` (a moved run directory still resumes).
 
     Raises:
-        asymprop.checkpoint.CheckpointError: no readable checkpoint there.
+        asymprop.harness.checkpoint.CheckpointError: no readable checkpoint there.
         ConfigError: a change to a setting not in :data:`RESUMABLE` (names it).
     """
     directory = Path(directory)
@@ -788,8 +789,8 @@ def train(
     ``metrics.csv`` rows.
 
     Writes ``config.yaml`` first, then after every epoch ``checkpoint.pt`` and a
-    ``metrics.csv`` row (see ``asymprop.records``), and at the end the plots of
-    ``asymprop.plotting``. A run given with a loaded checkpoint (:func:`load_checkpoint`)
+    ``metrics.csv`` row (see ``asymprop.harness.records``), and at the end the plots of
+    ``asymprop.harness.plotting``. A run given with a loaded checkpoint (:func:`load_checkpoint`)
     continues where it stopped, and its ``metrics.csv`` is rewritten from the checkpoint's rows;
     otherwise files of an earlier run in the same directory are replaced.
 
@@ -800,7 +801,7 @@ def train(
         on_epoch: called with each row as it is written (rank 0 only).
         run: ``config`` already prepared by :func:`prepare` (else prepared here).
         plots: draw the run's figures at the end.
-        stop: a :class:`~asymprop.guard.StopSignals` whose signals end the run after a step.
+        stop: a :class:`~asymprop.harness.guard.StopSignals` whose signals end the run after a step.
         dist_info: for :func:`prepare` when ``run`` is not given.
 
     Raises:
