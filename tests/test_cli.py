@@ -17,6 +17,7 @@ import yaml
 
 import asymprop
 from asymprop.harness.cli import main
+from asymprop.harness.config import CONFIGS
 from asymprop.harness.records import (
     METRIC_COLUMNS,
     RESULT_COLUMNS,
@@ -130,12 +131,12 @@ def test_named_experiment_configs_parse() -> None:
     from asymprop.harness.compare import compare_config
     from asymprop.harness.experiment import RunConfig, check_config
 
-    # experiments/ also holds the configs of asymprop.harness.reproduce's items (tested there)
+    # the packaged configs also hold those of asymprop.harness.reproduce's items (tested there)
     try:
         from asymprop.harness.reproduce import ITEMS
     except ImportError:
         ITEMS = {}
-    files = [p for p in sorted((REPO / "experiments").glob("*.yaml")) if p.stem not in ITEMS]
+    files = [p for p in sorted(CONFIGS.glob("*.yaml")) if p.stem not in ITEMS]
     assert any(p.stem == "digits-all-rules" for p in files)
     for path in files:
         config = compare_config(read_yaml(path), str(path))
@@ -191,7 +192,11 @@ BAD_INPUT = [
     (["train", "--model-opt", "depth=3"], r"model 'mlp' has no option 'depth'"),
     (["train", "--lr", "-1"], r"lr must be a finite number > 0"),
     (["train", "--bogus"], r"unrecognized arguments: --bogus"),
-    (["train", "--config", "no-such-config"], r"config file 'no-such-config' not found"),
+    (
+        ["train", "--config", "no-such-config"],
+        r"config 'no-such-config' not found: looked for the file 'no-such-config', "
+        r"'experiments/no-such-config.yaml' and the packaged .*; packaged configs: ",
+    ),
     (["train", "epochs"], r"an override expects KEY=VALUE"),
     (["train", "epoch=3"], r"unknown setting 'epoch'"),
     (["compare", "--rules", "bp,nope"], r"unknown rule 'nope'"),
@@ -292,3 +297,22 @@ def test_train_runs_one_run_of_a_comparison_config(
     saved = read_yaml(tmp_path / "cmp" / "runs" / "brsf-mlp-digits-seed0" / "config.yaml")
     assert (saved["rule"], saved["rule_options"], saved["lr"]) == ("brsf", {"flip": 0.25}, 0.01)
     assert (saved["model_options"], saved["epochs"]) == ({"widths": [16]}, 1)
+
+
+def test_named_configs_are_packaged_and_found_from_any_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no ./experiments here: the packaged configs answer
+    assert main(["list"]) == 0
+    listing = capsys.readouterr().out
+    assert f"packaged in {CONFIGS}" in listing
+    assert "digits-all-rules" in listing and "imagenet-resnet18" in listing
+    from asymprop.harness.config import find_config
+
+    assert find_config("digits-all-rules") == CONFIGS / "digits-all-rules.yaml"
+    own = tmp_path / "experiments" / "digits-all-rules.yaml"  # the user's own wins
+    own.parent.mkdir()
+    own.write_text("rules: [bp]\n")
+    assert find_config("digits-all-rules") == Path("experiments/digits-all-rules.yaml")
+    with pytest.raises(FileNotFoundError, match="is a directory"):
+        find_config("experiments")

@@ -16,6 +16,7 @@ from asymprop.harness.compare import (
     plan,
     report,
 )
+from asymprop.harness.config import CONFIGS
 from asymprop.harness.experiment import (
     ConfigError,
     RunConfig,
@@ -271,7 +272,7 @@ def test_imagenet_recipes_hold_the_paper_settings(name: str) -> None:
     """000 App. D.1-D.3: Nesterov 0.9, weight decay 1e-4, global batch 2048, 6 warm-up epochs
     (epochs 3-8 after 2 mirror-only epochs for WM), 10x decays after 32, 62, 82, SS at 0.5,
     WM eta_B 0.1 and lambda 0.5, batch norm after the activation."""
-    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.yaml"
+    path = CONFIGS / f"{name}.yaml"
     config = compare_config(read_yaml(path), str(path))
     assert config.rule_names() == ["bp", "fa", "usf", "wm", "kp"]
     model = name.split("-")[1]

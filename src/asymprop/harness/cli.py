@@ -1,7 +1,8 @@
 """The ``asymprop`` command: ``train``, ``compare``, ``report`` and ``list``.
 
 Settings come, later ones winning, from the defaults, a YAML file (``--config FILE`` or the
-name of a file in ``./experiments``), the flags, and trailing ``key=value`` overrides
+name of a packaged config, or of one in ``./experiments``), the flags, and trailing
+``key=value`` overrides
 (``asymprop compare --config digits-all-rules epochs=3 rule_options.brsf.flip=0.25``).
 
 ``asymprop train --resume DIR`` continues the run in DIR from its ``checkpoint.pt`` exactly as if
@@ -135,7 +136,8 @@ def _common(parser: argparse.ArgumentParser, *, one_run: bool) -> None:
     parser.add_argument(
         "--config",
         metavar="FILE",
-        help="YAML file of settings (or the name of one in ./experiments); flags override it",
+        help="YAML file of settings, or the name of a packaged config (asymprop list) or of one "
+        "in ./experiments; flags override it",
     )
     parser.add_argument(
         "--data-dir",
@@ -346,15 +348,12 @@ _FLAGS_SHARED = (
 
 
 def _config_file(name: str) -> Path:
-    path = Path(name)
-    if path.is_file():
-        return path
-    named = Path("experiments") / f"{name}.yaml"
-    if named.is_file():
-        return named
-    available = sorted(p.stem for p in Path("experiments").glob("*.yaml"))
-    choices = f"; named configs in ./experiments: {', '.join(available)}" if available else ""
-    raise _BadInputError(f"config file {name!r} not found{choices}")
+    from .config import find_config
+
+    try:
+        return find_config(name)
+    except FileNotFoundError as error:
+        raise _BadInputError(str(error)) from None
 
 
 def _settings(args: argparse.Namespace, flags: Sequence[str]) -> dict[str, Any]:
@@ -652,8 +651,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
     from ..optim import OPTIMIZERS
     from ..rules import RULES
+    from .config import CONFIGS, named_configs
     from .data import list_datasets
     from .models import list_models, model_options
+    from .records import read_yaml
 
     print("rules (--rule, --rule-opt KEY=VALUE):")
     for name, cls in RULES.items():
@@ -666,7 +667,29 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(f"  {name:14} {options}")
     print(f"datasets (--data): {', '.join(list_datasets())}")
     print(f"optimizers (--optimizer): {', '.join(OPTIMIZERS)}")
+    print(f"named configs (--config NAME; packaged in {CONFIGS}):")
+    for name in named_configs():
+        path = CONFIGS / f"{name}.yaml"
+        print(f"  {name:30} {_config_summary(read_yaml(path)) or _first_comment(path)}")
     return 0
+
+
+def _first_comment(path: Path) -> str:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return next((line.lstrip("# ").strip() for line in lines if line.startswith("#")), "")
+
+
+def _config_summary(config: Any) -> str:
+    """One line about a named config: what it compares or runs."""
+    if not isinstance(config, dict):
+        return ""
+    parts = []
+    for key in ("rules", "rule", "model", "models", "data", "epochs"):
+        value = config.get(key)
+        if value is not None:
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            parts.append(f"{key}={text}")
+    return " ".join(parts)
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:

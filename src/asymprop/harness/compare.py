@@ -24,7 +24,7 @@ Rule-specific settings go in ``rule_options`` and apply only when that rule is i
 comparison; the main job sets none except for presets whose paper settings are sized for
 ImageNet (see :data:`MAIN_JOB_RULE_OPTIONS`). ``rule_settings`` overrides shared run settings
 for one rule (sign symmetry's learning rate 0.5, weight mirrors' two mirror-only epochs and later
-warm-up in 000 App. D.1-D.2: see ``experiments/imagenet-resnet18.yaml``).
+warm-up in 000 App. D.1-D.2: see the packaged config ``imagenet-resnet18``).
 
 Under ``torchrun`` every run of the comparison is a data-parallel run on all processes, one
 after another; only rank 0 writes files.

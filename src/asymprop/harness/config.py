@@ -30,14 +30,49 @@ from .models import list_models
 from .records import parse_scalar
 
 __all__ = [
+    "CONFIGS",
     "RESUMABLE",
     "ConfigError",
     "LRSchedule",
     "RunConfig",
     "check_config",
     "config_from_dict",
+    "find_config",
+    "named_configs",
     "resolve_device",
 ]
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+"""The named configs shipped with the package (``asymprop list`` shows them)."""
+
+
+def named_configs() -> list[str]:
+    """The names of the packaged configs, sorted."""
+    return sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+
+
+def find_config(name: str) -> Path:
+    """A config file: ``name`` as a path, else ``./experiments/<name>.yaml`` (your own named
+    configs), else the packaged ``<name>.yaml``.
+
+    Raises:
+        FileNotFoundError: none exists; the message says where it looked and lists the names.
+    """
+    path = Path(name)
+    if path.is_dir():
+        raise FileNotFoundError(f"config {name!r} is a directory, not a YAML file")
+    if path.is_file():
+        return path
+    places = [Path("experiments") / f"{name}.yaml", CONFIGS / f"{name}.yaml"]
+    for place in places:
+        if place.is_file():
+            return place
+    raise FileNotFoundError(
+        f"config {name!r} not found: looked for the file {str(path)!r}, "
+        f"{str(places[0])!r} and the packaged {str(places[1])!r}; "
+        f"packaged configs: {', '.join(named_configs())}"
+    )
+
 
 Task = Literal["auto", "classification", "reconstruction"]
 Amp = Literal["none", "bf16", "fp16"]

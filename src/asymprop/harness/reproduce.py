@@ -5,10 +5,11 @@
     python -m asymprop.harness.reproduce --only liao-digits   # one item
     python -m asymprop.harness.reproduce --reuse              # train only the runs not yet finished
 
-Each item reads ``experiments/<item>.yaml`` (its ``quick:`` section overrides the rest under
-``--quick``), trains its runs one after another on one thread each, and writes to
-``<out>/<item>/``: ``results.csv`` (one row per run), ``table.md`` (the report's table, mean ± s.e.
-over seeds) and its figures (PNG, also copied to ``docs/figures/`` for a full run).
+Each item reads its packaged config ``asymprop/harness/configs/<item>.yaml`` (its ``quick:``
+section overrides the rest under ``--quick``), trains its runs one after another on one thread
+each, and writes to ``<out>/<item>/``: ``results.csv`` (one row per run), ``table.md`` (the
+report's table, mean ± s.e. over seeds) and its figures (PNG, also copied to ``docs/figures/``
+for a full run from a checkout).
 
 | item | paper | what |
 | --- | --- | --- |
@@ -50,7 +51,7 @@ from ..metrics import alignment, delta_alignment
 from ..mirror import mirror
 from ..optim import make_optimizer
 from ..train import DivergenceError, train_step
-from .config import config_from_dict
+from .config import CONFIGS, config_from_dict
 from .data import load_dataset
 from .experiment import DataCache, RunConfig, prepare, train
 from .models import build_model
@@ -68,9 +69,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[3]
-EXPERIMENTS = ROOT / "experiments"
-FIGURES = ROOT / "docs" / "figures"
+FIGURES = Path("docs") / "figures"
+"""Where the figures of docs/REPRODUCTION.md live, relative to a checkout (the working folder)."""
 DPI = 100
 MAX_PNG_BYTES = 150_000
 """Figures larger than this are saved with a 64-colour palette (the report keeps them small)."""
@@ -89,8 +89,8 @@ class ItemResult:
 
 
 def item_config(name: str, quick: bool = False) -> dict[str, Any]:
-    """``experiments/<name>.yaml``, with its ``quick:`` section merged over it when ``quick``."""
-    path = EXPERIMENTS / f"{name}.yaml"
+    """The packaged config ``<name>.yaml``, its ``quick:`` section merged over it if ``quick``."""
+    path = CONFIGS / f"{name}.yaml"
     config = read_yaml(path)
     overrides = config.pop("quick", {}) or {}
     if quick:
@@ -945,7 +945,7 @@ ITEMS: dict[str, Callable[[str, dict[str, Any], Path], ItemResult]] = {
     "lansdell-autoencoder": lansdell_autoencoder,
     "feedback-convergence": feedback_convergence,
 }
-"""Item name -> its function; the config is ``experiments/<name>.yaml``."""
+"""Item name -> its function; the config is the packaged ``configs/<name>.yaml``."""
 
 
 def run_item(
@@ -999,12 +999,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-figures",
         action="store_true",
-        help="do not copy figures to docs/figures (always so under --quick)",
+        help="do not copy figures to docs/figures (always so under --quick, and outside a "
+        "checkout of asymprop)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("asymprop.harness.experiment").setLevel(logging.WARNING)
-    figures = None if (args.quick or args.no_figures) else FIGURES
+    # figures are copied into docs/figures only when run from a checkout (docs/REPRODUCTION.md)
+    in_checkout = (FIGURES.parent / "REPRODUCTION.md").is_file()
+    figures = None if (args.quick or args.no_figures or not in_checkout) else FIGURES
     for name in args.only or list(ITEMS):
         result = run_item(name, args.quick, args.out, figures, args.reuse)
         print(f"## {name} ({result.seconds:.0f} s)\n\n{result.table}\n", flush=True)
