@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from .functional import _apply
+from .functional import _apply, _is_compiling
 from .rules import FeedbackRule, register_rule
 
 if TYPE_CHECKING:
@@ -226,15 +226,17 @@ def direct_forward(
     """
     if not torch.is_grad_enabled():
         return layer.native_forward(input), None
+    if _is_compiling():
+        # The chain is found by walking the autograd graph, which exists only when ops run
+        # (dynamo traces fake tensors without one), and the backward passes carry state from
+        # layer to layer (the output error): so torch.compile runs this part eagerly, one graph
+        # break per DFA layer, and compiles the rest. (Disabled here, not with a decorator:
+        # that would import dynamo, 1.5 s, with asymprop.) torch.func transforms need nothing
+        # special: their graph is real, made of functorch's copies of our node (_call_of).
+        return torch.compiler.disable(_direct_call)(layer, input, draw)
     return _direct_call(layer, input, draw)
 
 
-# The chain is found by walking the autograd graph, which exists only when ops run (dynamo
-# traces fake tensors without one), and the backward passes carry state from layer to layer (the
-# output error): so torch.compile runs this part eagerly, one graph break per DFA layer, and
-# compiles the rest of the model. torch.func transforms need nothing special: their autograd
-# graph is real, made of functorch's copies of the _DirectError node (see _call_of).
-@torch.compiler.disable
 def _direct_call(
     layer: FeedbackLayer, input: Tensor, draw: Draw
 ) -> tuple[Tensor, DirectChain | None]:

@@ -11,13 +11,13 @@ All computed in float64.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch._dynamo.eval_frame import OptimizedModule
 
 from .convert import exact_backprop, feedback_layers
 
@@ -145,9 +145,14 @@ def delta_alignment(
     return angles
 
 
+# Importing dynamo takes 1.5 s: it is looked up, never imported. Anything compiled has loaded it.
+_DYNAMO = "torch._dynamo.eval_frame"
+
+
 def _uncompiled(model: nn.Module) -> nn.Module:
     """The module inside ``torch.compile``'s ``OptimizedModule`` wrapper(s) (else itself)."""
-    while isinstance(model, OptimizedModule):
+    eval_frame = sys.modules.get(_DYNAMO)
+    while eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
         model = model._orig_mod
     return model
 
@@ -160,7 +165,9 @@ def _force_eager() -> AbstractContextManager[Any]:
     torch 2.6; before it, compiled code in place (``model.compile()``) recompiles instead.
     """
     set_stance = getattr(torch.compiler, "set_stance", None)
-    return nullcontext() if set_stance is None else set_stance("force_eager")
+    if set_stance is None or _DYNAMO not in sys.modules:
+        return nullcontext()
+    return set_stance("force_eager")
 
 
 def _input_errors(
