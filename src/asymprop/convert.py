@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeAlias
 
@@ -32,10 +33,15 @@ RuleChoice: TypeAlias = "str | FeedbackRule | Callable[[str, nn.Module], str | F
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel``/``DataParallel`` wrapper (else itself)."""
-    while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-        model = model.module
-    return model
+    """The module inside DDP/DataParallel/torch.compile wrappers, any nesting (else itself)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # never import dynamo (1.5 s)
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def feedback_layers(model: nn.Module) -> list[tuple[str, FeedbackLayer]]:
