@@ -179,6 +179,9 @@ class _Seen:
     learns: bool  # its input error is needed (an input requires grad): B is used and fitted
     chain: DirectChain | None
     errors: list[Tensor | None]  # dL/dy at the layer's output per call, from the clean backward
+    # per call: its input carries a gradient, so the call is perturbed and fitted (a recurrent
+    # layer's first call reads the initial state, which does not)
+    call_learns: list[bool] = field(default_factory=list)
     # the inputs per call, kept only for kinds whose input error depends on them (bilinear)
     inputs: list[Tensor] = field(default_factory=list)
     # a layer called once and fed by data only (not learning): its clean (input, output), which
@@ -216,7 +219,8 @@ class _Record:
             seen.clean = None
         seen.learns = seen.learns or input.requires_grad
         seen.input_shapes.append(input.shape)
-        if not layer.linear_in_input:
+        seen.call_learns.append(input.requires_grad)
+        if not layer.linear_in_input and input.requires_grad:
             seen.inputs.append(input.detach())
         seen.errors.append(None)
         output.register_hook(partial(_store_error, seen, len(seen.errors) - 1))
@@ -228,10 +232,16 @@ class _NoisyPass:
     noise: dict[FeedbackLayer, list[Tensor]]  # layers to perturb -> their unit noise xi per call
     rows: tuple[int, int]  # (global batch size, this rank's first row): DDP ranks share a draw
     record: _Record
+    calls: dict[FeedbackLayer, int] = field(default_factory=dict)  # calls seen in this pass
 
     def forward(self, layer: FeedbackLayer, input: Tensor) -> Tensor:
         if layer in self.noise:
-            return layer.native_forward(self.perturb(layer, input))
+            call = self.calls.get(layer, 0)
+            self.calls[layer] = call + 1
+            learns = self.record.calls[layer].call_learns
+            if call < len(learns) and learns[call]:
+                return layer.native_forward(self.perturb(layer, input))
+            return layer.native_forward(input)
         seen = self.record.calls.get(layer)
         clean = None if seen is None else seen.clean
         if clean is not None and clean[0].shape == input.shape and torch.equal(clean[0], input):
@@ -459,9 +469,10 @@ class RegressionRule(FeedbackRule):
         """
         seen = record.calls[layer]
         if self.shape == "fa":
-            if any(error is None for error in seen.errors):
+            learning = [e for e, ok in zip(seen.errors, seen.call_learns, strict=True) if ok]
+            if any(error is None for error in learning):
                 return None
-            errors = [e for e in seen.errors if e is not None]
+            errors = [e for e in learning if e is not None]
             return errors[0] if len(errors) == 1 else torch.cat(errors)
         chains = {id(s.chain): s.chain for s in record.calls.values()}
         if len(chains) != 1 or seen.chain is None:
@@ -611,11 +622,11 @@ class NodePerturbation(RegressionRule):
         scale = loss_scale(step.loss, clean_loss)
         estimates = {}
         for layer, noise in noisy.noise.items():
-            if len(noise) != len(record.calls[layer].input_shapes):
+            if len(noise) != sum(record.calls[layer].call_learns):
                 raise RuntimeError(
                     f"rule 'np': the noisy pass called {type(layer).__name__}(weight "
                     f"{tuple(layer.weight.shape)}) {len(noise)} times, the clean pass "
-                    f"{len(record.calls[layer].input_shapes)}; the forward pass must not depend "
+                    f"{sum(record.calls[layer].call_learns)}; the forward pass must not depend "
                     "on chance beyond torch's global generator"
                 )
             # one row block per call, in call order (as the regressor's)
@@ -661,17 +672,25 @@ class SyntheticGradient(RegressionRule):
         try:
             with _replay(step, record) as model, torch.enable_grad(), exact_backprop(model):
                 loss = step.loss_fn(model(step.inputs), step.targets)
-                flat = [x for layer in learning for x in inputs[layer]]
-                grads = iter(torch.autograd.grad(loss, flat, allow_unused=True))
+                # only the calls that learn (an input with a gradient), as the regressor's rows
+                flat = [x for layer in learning for x in inputs[layer] if x.requires_grad]
+                grads = dict(
+                    zip(
+                        map(id, flat),
+                        torch.autograd.grad(loss, flat, allow_unused=True),
+                        strict=True,
+                    )
+                )
         finally:
             for handle in handles:
                 handle.remove()
         targets: dict[FeedbackLayer, Tensor] = {}
-        for layer in learning:  # one row block per call, in call order (as the regressor's)
-            parts = [
-                torch.zeros_like(x) if g is None else g
-                for x, g in zip(inputs[layer], grads, strict=False)
-            ]
+        for layer in learning:  # one row block per learning call, in call order
+            parts = []
+            for x, learns in zip(inputs[layer], record.calls[layer].call_learns, strict=True):
+                if learns:
+                    g = grads.get(id(x))
+                    parts.append(torch.zeros_like(x) if g is None else g)
             targets[layer] = (parts[0] if len(parts) == 1 else torch.cat(parts)) / scale
         return targets, scale
 
