@@ -10,7 +10,7 @@ mirrors, node perturbation, ...). See SCIENCE.md for the equations and README.md
     ['bp', 'brsf', 'fa']
 """
 
-from . import attention, direct, functional, optim, perturbation
+from . import attention, direct, functional, optim, perturbation, recurrent
 from .convert import audit, convert, exact_backprop, feedback_layers, revert, unwrap
 from .groups import param_groups
 from .layers import (
@@ -65,6 +65,7 @@ __all__ = [
     "optim",
     "param_groups",
     "perturbation",
+    "recurrent",
     "register_layer",
     "register_rule",
     "revert",
