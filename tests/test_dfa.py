@@ -164,7 +164,7 @@ def test_delta_alignment_before_any_step_leaves_b_undrawn() -> None:
     assert stats["4"]["angle_deg"] != stats["4"]["angle_deg"]  # NaN until drawn
 
 
-# ----------------------------------------------------------------------------- ill-defined graphs
+# ----------------------------------------------------------------------------- any graph
 
 
 class _Residual(nn.Module):
@@ -205,19 +205,130 @@ class _Towers(nn.Module):
         return self.out(torch.cat([torch.tanh(self.left(x)), torch.tanh(self.right(x))], 1))
 
 
-@pytest.mark.parametrize(
-    ("net", "match"),
-    [
-        (_Residual, "residual connection"),
-        (_TwoHeads, "branches"),
-        (_Reused, "called twice"),
-        (_Towers, "merge of branches"),
-    ],
-)
-def test_graphs_without_a_single_output_error_raise(net: type[nn.Module], match: str) -> None:
-    model = convert(net(), "dfa", seed=0)
-    with pytest.raises(RuntimeError, match=match):
+def _input_errors(model: nn.Module, x: torch.Tensor, loss_fn) -> dict[str, list[torch.Tensor]]:
+    """dL/d(input) of every call of every converted layer (a layer called twice: two entries)."""
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    def hook(name: str):
+        def capture(module: nn.Module, args: tuple[torch.Tensor, ...]):
+            h = args[0]
+            if not h.requires_grad:
+                h = h.detach().requires_grad_(True)
+            h.retain_grad()
+            seen.setdefault(name, []).append(h)
+            return (h,)
+
+        return capture
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in feedback_layers(model)]
+    y = model(x)
+    y.retain_grad()
+    loss_fn(y).backward()
+    for h in handles:
+        h.remove()
+    seen["<output error>"] = [y]
+    return {name: [h.grad for h in hs] for name, hs in seen.items()}
+
+
+def test_residual_block_error_is_b_e_plus_the_exact_identity_path() -> None:
+    """out(h + relu(b(h))), h = relu(a(x)): with e = dL/dy at the output layer,
+    dL/d(input of out) = e B_out; dL/d(input of b) = e B_b (replacing W_b^T delta_b);
+    dL/dh = dL/d(input of out) [identity path, exact] + e B_b [b's input is h itself];
+    delta_a = relu'(a(x)) * dL/dh, so a's weight gradient is delta_a^T x."""
+    torch.manual_seed(0)
+    model = convert(_Residual().double(), "dfa", seed=0)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    errors = _input_errors(model, x, lambda y: y.pow(2).sum())
+    e = errors["<output error>"][0]
+    B_out, B_b = model.out.feedback_weight, model.b.feedback_weight
+    assert B_out.shape == (3, 5) and B_b.shape == (3, 5)
+    torch.testing.assert_close(errors["out"][0], e @ B_out)
+    # b reads h, which also takes the identity path: dL/dh is both, added exactly
+    dh = e @ B_out + e @ B_b
+    torch.testing.assert_close(errors["b"][0], dh)
+    pre_a = F.linear(x, model.a.weight, model.a.bias)
+    h = torch.relu(pre_a)
+    delta_a = (pre_a > 0).double() * dh
+    torch.testing.assert_close(model.a.weight.grad, delta_a.T @ x)
+    # b's weight gradient: delta_b = relu'(b(h)) * dL/d(out's input)
+    pre_b = F.linear(h, model.b.weight, model.b.bias)
+    delta_b = (pre_b > 0).double() * (e @ B_out)
+    torch.testing.assert_close(model.b.weight.grad, delta_b.T @ h)
+
+
+def test_attention_block_error_is_b_e_plus_the_exact_weight_free_path() -> None:
+    """Self-attention without residual, then a head: in_proj (x -> q, k, v), the activation
+    products softmax(q k^T / sqrt(d)) v (exact), out_proj, mean over tokens, the head.
+    dL/dx = e B_in (flattened: the output is per example); out_proj's input gets e B_o; the
+    in-projection's output error (its delta) is the exact backward of the attention products
+    applied to e B_o; the head's input gets e B_head."""
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    model = convert(Block().double(), "dfa", seed=0)
+    x = torch.randn(4, 5, 8, dtype=torch.float64)
+    errors = _input_errors(model, x, lambda y: y.pow(2).sum())
+    e = errors["<output error>"][0]  # (4, 3)
+    B_in = model.attn.in_proj.feedback_weight  # (3, 5, 8): the output is per example
+    B_o = model.attn.out_proj.feedback_weight
+    torch.testing.assert_close(errors["attn.in_proj"][0], (e @ B_in.reshape(3, -1)).view(4, 5, 8))
+    torch.testing.assert_close(errors["attn.out_proj"][0], (e @ B_o.reshape(3, -1)).view(4, 5, 8))
+    torch.testing.assert_close(errors["head"][0], e @ model.head.feedback_weight)
+    # the exact weight-free path: autograd through the attention products from e B_o
+    qkv = F.linear(x, model.attn.in_proj_weight, model.attn.in_proj_bias).detach()
+    qkv.requires_grad_(True)
+    q, k, v = qkv.chunk(3, -1)
+    heads = [t.reshape(4, 5, 2, 4).transpose(1, 2) for t in (q, k, v)]
+    mixed = F.scaled_dot_product_attention(*heads).transpose(1, 2).reshape(4, 5, 8)
+    (delta_in,) = torch.autograd.grad(mixed, qkv, errors["attn.out_proj"][0])
+    expected = delta_in.reshape(-1, 24).T @ x.reshape(-1, 8)
+    torch.testing.assert_close(model.attn.in_proj_weight.grad, expected)
+
+
+@pytest.mark.parametrize("net", [_Residual, _Reused, _Towers])
+def test_any_graph_trains(net: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(128, 5)
+    y = nn.Linear(5, 3)(x).argmax(1)  # a task the nets can learn
+    model = convert(net(), "dfa", seed=0, strict=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    first = F.cross_entropy(model(x), y).item()
+    for _ in range(60):
+        asymprop.train_step(model, opt, F.cross_entropy, x, y)
+    assert F.cross_entropy(model(x), y).item() < 0.7 * first
+
+
+def test_a_layer_called_twice_gets_e_b_at_each_call() -> None:
+    model = convert(_Reused().double(), "dfa", seed=0)
+    errors = _input_errors(model, torch.randn(4, 5, dtype=torch.float64), lambda y: y.sum())
+    e = errors["<output error>"][0]
+    first, second = errors["a"]
+    torch.testing.assert_close(first, e @ model.a.feedback_weight)
+    torch.testing.assert_close(second, e @ model.a.feedback_weight)
+
+
+def test_two_outputs_raise_naming_the_fix() -> None:
+    model = convert(_TwoHeads(), "dfa", seed=0)
+    with pytest.raises(RuntimeError, match="reaches the loss without passing through another"):
         model(torch.randn(4, 5)).sum().backward()
+
+
+def test_per_token_outputs_project_per_position() -> None:
+    """An output per token (N, T, V) and a layer input (N, T, d): B is (V, d), e @ B per token."""
+    model = convert(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5)).double(), "dfa",
+                    seed=0)  # fmt: skip
+    errors = _input_errors(model, torch.randn(2, 7, 6, dtype=torch.float64), lambda y: y.sum())
+    e = errors["<output error>"][0]  # (2, 7, 5)
+    assert model[2].feedback_weight.shape == (5, 8)
+    torch.testing.assert_close(errors["2"][0], e @ model[2].feedback_weight)
 
 
 class _HiddenToo(nn.Module):
@@ -233,7 +344,7 @@ class _HiddenToo(nn.Module):
 def test_loss_on_a_hidden_activation_raises() -> None:
     model = convert(_HiddenToo(), "dfa", seed=0)
     _, hidden = model(torch.randn(3, 5))
-    with pytest.raises(RuntimeError, match="before the chain's output layer"):
+    with pytest.raises(RuntimeError, match="before the output layer"):
         hidden.sum().backward()
     sub = convert(_mlp(), "dfa", seed=0)[:4]  # a sub-network is a chain of its own: fine
     sub(torch.randn(3, 7)).sum().backward()
@@ -247,3 +358,23 @@ def test_siamese_calls_are_separate_chains() -> None:
     (model(x1) - model(x2)).pow(2).sum().backward()
     assert model[2].feedback_weight.shape == (4, 9)
     assert torch.isfinite(model[0].weight.grad).all()
+
+
+@pytest.mark.parametrize("init", ["uniform", "normal"])
+def test_scale_input_keeps_the_error_norm_whatever_the_width(init: str) -> None:
+    """scale="output" (Nøkland's, the default): every unit of e @ B has about e's size, so the
+    error sent to a layer grows as sqrt(n_in); scale="input" keeps ||e @ B|| ~ gain ||e||."""
+    norms = {}
+    for scale in ("output", "input"):
+        for width in (16, 1024):
+            model = convert(
+                nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, 10)).double(),
+                "dfa", seed=0, init=init, scale=scale,
+            )  # fmt: skip
+            errors = _input_errors(
+                model, torch.randn(64, 8, dtype=torch.float64), lambda y: y.sum()
+            )
+            e, sent = errors["<output error>"][0], errors["2"][0]
+            norms[scale, width] = float((sent.norm(dim=1) / e.norm(dim=1)).mean())
+    assert 0.8 < norms["input", 16] < 1.2 and 0.9 < norms["input", 1024] < 1.1, norms
+    assert norms["output", 1024] > 5 * norms["output", 16], norms  # ~ sqrt(1024 / 16) = 8

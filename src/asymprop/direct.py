@@ -9,30 +9,47 @@ through its own fixed random matrix::
 
 Storage: layer ``k`` keeps ``feedback_weight`` of shape ``(n_out, *input_shape)`` (one example's
 input shape: ``(in_features,)`` for Linear, ``(C, H, W)`` for Conv2d) and sends ``e @ B_k`` to its
-input. The output layer's B therefore has W's shape (for it DFA is FA). B is drawn at the first
-backward pass, when ``n_out`` and the input shape are known: until then ``feedback_weight`` is an
-empty tensor (``alignment`` reports NaN), and the first layer, whose input is data, never draws
-one. The draw comes from the layer's seeded stream, so a seed fixes every B.
+input. The output layer's B therefore has W's shape (for it DFA is FA). When the output and the
+layer's input share their positions (both ``(N, T, features)``: a sequence model whose output has
+a prediction per token), B is ``(n_out, in_features)`` and ``e @ B`` is taken per position, the
+error of each token going to that token (Launay et al. 2020's feedback for transformers). B is
+drawn at the first backward pass, when ``n_out`` and the input shape are known: until then
+``feedback_weight`` is an empty tensor (``alignment`` reports NaN), and the first layer, whose
+input is data, never draws one. The draw comes from the layer's seeded stream, so a seed fixes
+every B.
 
-How the chain is found (no targets in ``forward``, the user's loop is unchanged). Each converted
-layer's forward computes ``native_forward(x.detach())`` (exact weight gradient, no error to
-``x`` through W) followed by an identity autograd node that, in the backward pass, sends
-``e @ B`` to ``x``. Before adding the node, the layer walks the autograd graph back from ``x`` to
-the nearest such nodes (through activations, pooling, reshapes, normalisation):
+Any computation graph (no targets in ``forward``, the user's loop is unchanged). Each converted
+layer's forward computes ``native_forward(x.detach())`` (exact weight gradient, no error to ``x``
+through W) followed by an identity autograd node that, in the backward pass, sends ``e @ B`` to
+``x``: **the projected output error replaces the error that would arrive at the layer's input
+through W**, while everything between converted layers that carries no weight (nonlinearities,
+pooling, normalisation, residual adds, concatenations, attention's activation products, a
+recurrent layer's gates) keeps autograd's exact backward. So the error a layer's weights see at
+its output, ``delta``, is the exact weight-free path applied to the errors ``e @ B`` injected at
+the inputs of the converted layers downstream::
 
-* none found: ``x`` is data, or comes from unconverted modules only -> a new chain starts;
-* exactly one, belonging to the last layer of its chain -> this layer continues that chain;
-* anything else is a graph where "the output error" of a layer is ill-defined, and raises:
-  two producers (a residual connection, a concatenation of towers), a producer that already
-  feeds another layer (a branch, a second head), or the same layer twice in one chain
-  (weight sharing, recurrence).
+    delta_k = sum over paths k -> j of  J_path^T (e @ B_j)     (J_path: weight-free Jacobians)
 
-In the backward pass the chain's last layer records ``e`` (its output gradient) before any other
-layer of the chain runs; if another layer's node runs first the loss does not depend on the chain
-through its last layer, and that raises too. Not detectable: a hidden output that also reaches the
-loss without passing a converted layer (an auxiliary loss on a hidden activation) adds its
-gradient to that layer's ``delta``. An unconverted output layer (``exclude``) makes the last
-converted layer the chain's output. Under ``torch.no_grad`` layers run their plain op.
+On a chain this is Nøkland's ``delta_k = phi'(a_k) * (e @ B_{k+1})`` exactly (and bit for bit the
+same computation as before graphs were supported). On a residual block ``x + f(x)`` the
+identity path adds the errors injected further up to the branch's, as autograd adds any two
+paths; TinyDFA (Launay et al. 2020) instead places explicit feedback points in the model and
+sends each the projected error; here every converted layer is one.
+
+``e`` is the output error of the forward pass: the gradient at the output of its *output
+layer*, the converted layer called last (a classifier head, an LM head). Converted layers whose
+inputs connect (through any weight-free ops) form one graph per forward pass, found by walking
+the autograd graph back from each layer's input to the nearest converted layers; graphs that
+meet (two towers merged) become one. A layer called several times (weight sharing, a recurrent
+weight at every time step) sends ``e @ B`` to the input of each call, with one B.
+
+In the backward pass the output layer records ``e`` before any other layer of its graph runs
+(autograd runs a node only after every node that depends on it); if another layer's node runs
+first the loss does not depend on the network through its output layer, and that raises. Not
+detectable: a hidden output that also reaches the loss without passing a converted layer (an
+auxiliary loss on a hidden activation) adds its gradient to that layer's ``delta``. An
+unconverted output layer (``exclude``) makes the last converted layer the output. Under
+``torch.no_grad`` layers run their plain op.
 
 Transforms and the compiler. Under ``torch.func`` (``functional_call``, ``grad``, ``vmap``) the
 chain is found the same way: functorch's copy of the identity node carries the same context.
@@ -48,8 +65,9 @@ the DFA baseline of 004 (sec. 4.3, Table 1) and its DFA-shaped estimator g_DFA (
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -65,34 +83,58 @@ if TYPE_CHECKING:
 __all__ = [
     "DFA",
     "DirectChain",
+    "DirectGraph",
     "direct_feedback",
     "direct_forward",
     "draw_direct_feedback",
     "resize_lazy_feedback",
 ]
 
+_CALLS = itertools.count()
+
 #: ``draw(layer, shape, generator) -> Tensor``: B's initial value, drawn when first needed.
 Draw = Callable[["FeedbackLayer", tuple[int, ...], torch.Generator], Tensor]
 
 
 @dataclass(eq=False)
-class DirectChain:
-    """The converted layers that one forward pass ran in sequence, and their output error.
+class DirectGraph:
+    """The converted layers whose inputs connected in one forward pass, and their output error.
 
-    ``layers`` is in call order (the last one is the output layer); ``error`` is ``dL/dy`` of the
-    output layer from the latest backward pass through this graph, ``(N, *out_shape)``.
+    ``calls`` are in call order (the last one is the output layer's); ``error`` is ``dL/dy`` at
+    the output layer from the latest backward pass through this graph, ``(N, *out_shape)``. Two
+    graphs that meet become one: the absorbed one points to the other (``merged_into``).
     """
 
-    layers: list[FeedbackLayer] = field(default_factory=list)
+    calls: list[_Call] = field(default_factory=list)
     error: Tensor | None = None
+    merged_into: DirectGraph | None = None
+
+    def root(self) -> DirectGraph:
+        graph = self
+        while graph.merged_into is not None:
+            graph = graph.merged_into
+        return graph
+
+    @property
+    def layers(self) -> list[FeedbackLayer]:
+        """The layers called, in call order (a layer called twice appears twice)."""
+        return [call.layer for call in self.calls]
+
+
+DirectChain = DirectGraph  # the name before any graph was supported (a chain is one)
 
 
 @dataclass(eq=False)
 class _Call:
-    chain: DirectChain
-    index: int
+    graph: DirectGraph
     layer: FeedbackLayer
     draw: Draw
+    order: int = field(default_factory=lambda: next(_CALLS))  # global call order
+    consumed: bool = False  # its output reaches another converted layer's input
+
+    @property
+    def chain(self) -> DirectGraph:
+        return self.graph.root()
 
 
 class _DirectError(torch.autograd.Function):
@@ -113,26 +155,32 @@ class _DirectError(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         call: _Call = ctx.call
-        chain = call.chain
-        if call.index == len(chain.layers) - 1:
-            chain.error = grad_output.detach()  # the output layer's backward always runs first
-        elif chain.error is None:
+        graph = call.graph.root()
+        output = graph.calls[-1]
+        if call is output:
+            graph.error = grad_output.detach()  # the output layer's backward always runs first
+        elif not call.consumed:
             raise RuntimeError(
-                f"dfa: the backward pass reached {_describe(call.layer)} (layer {call.index + 1} "
-                f"of a chain of {len(chain.layers)}) before the chain's output layer "
-                f"{_describe(chain.layers[-1])}: the loss must depend on the network through the "
-                "output of the last converted layer (differentiate the model's output, not a "
-                "hidden activation)"
+                f"dfa: the output of {_describe(call.layer)} reaches the loss without passing "
+                f"through another converted layer, as does that of the output layer "
+                f"{_describe(output.layer)}: DFA sends one output error, so the network needs one "
+                "output layer (sum two heads' losses through one head, or convert a head with "
+                "another rule: convert(model, rule_callable))"
+            )
+        elif graph.error is None:
+            raise RuntimeError(
+                f"dfa: the backward pass reached {_describe(call.layer)} before the output layer "
+                f"{_describe(output.layer)} (the converted layer called last in the forward "
+                "pass): the loss must depend on the network through the output of that layer "
+                "(differentiate the model's output, not a hidden activation)"
             )
         grad_input = None
         if ctx.needs_input_grad[1]:
-            error = chain.error
+            error = graph.error
             assert error is not None
-            feedback = direct_feedback(call.layer, error, tuple(ctx.input_shape), call.draw)
-            n = error.shape[0]
-            # (N, n_out) @ (n_out, prod(input_shape)) -> (N, prod(input_shape)) -> input's shape
-            flat = error.reshape(n, -1) @ feedback.reshape(feedback.shape[0], -1).to(error.dtype)
-            grad_input = flat.reshape(ctx.input_shape)
+            input_shape = tuple(ctx.input_shape)
+            feedback = direct_feedback(call.layer, error, input_shape, call.draw)
+            grad_input = project(error, feedback.to(error.dtype), input_shape)
         return grad_output, grad_input, None
 
 
@@ -171,55 +219,56 @@ def _direct_producers(input: Tensor) -> list[_Call]:
     return found
 
 
-_FIX = (
-    "DFA sends the output error straight to each layer, so the converted layers must run as one "
-    "chain (MLPs, plain CNNs); convert the branch with a layer-wise rule such as 'fa' "
-    "(convert(model, rule_callable)) or leave it exact with convert(..., exclude=[...])"
-)
+def _per_position(error_shape: Sequence[int], input_shape: Sequence[int]) -> bool:
+    """The output error and the layer's input share their positions: ``(N, T.., features)``
+    both, with the same leading dimensions (a per-token output, as a language model's)."""
+    return len(error_shape) >= 3 and tuple(error_shape[:-1]) == tuple(input_shape[:-1])
 
 
-def _chain_for(layer: FeedbackLayer, input: Tensor) -> DirectChain:
-    """The chain this call of ``layer`` continues (or a new one); raises for non-chains."""
+def project(error: Tensor, feedback: Tensor, input_shape: Sequence[int]) -> Tensor:
+    """``e @ B`` in the layer input's shape: per position when the output has the input's
+    positions, else per example over the flattened output and input."""
+    if _per_position(error.shape, input_shape):
+        return error @ feedback  # (..., n_out) @ (n_out, in) -> (..., in)
+    n = error.shape[0]
+    # (N, n_out) @ (n_out, prod(input_shape)) -> (N, prod(input_shape)) -> input's shape
+    flat = error.reshape(n, -1) @ feedback.reshape(feedback.shape[0], -1)
+    return flat.reshape(tuple(input_shape))
+
+
+def _graph_for(input: Tensor) -> DirectGraph:
+    """The graph this call joins: that of the converted layers behind ``input`` (merged into
+    one if they belong to several), or a new one when none is (``input`` is data)."""
     calls = _direct_producers(input) if input.requires_grad else []
-    if not calls:
-        return DirectChain()
-    if len(calls) > 1:
-        names = ", ".join(_describe(c.layer) for c in calls)
-        raise RuntimeError(
-            f"dfa: the input of {_describe(layer)} combines the outputs of several converted "
-            f"layers ({names}): a residual connection or a merge of branches, where the output "
-            f"error of a layer is ill-defined. {_FIX}"
-        )
-    call = calls[0]
-    chain = call.chain
-    if call.index != len(chain.layers) - 1:
-        raise RuntimeError(
-            f"dfa: {_describe(layer)} reads the output of {_describe(call.layer)}, which already "
-            f"feeds {_describe(chain.layers[call.index + 1])}: the network branches. {_FIX}"
-        )
-    if any(seen is layer for seen in chain.layers):
-        raise RuntimeError(
-            f"dfa: {_describe(layer)} is called twice in one forward pass (weight sharing or "
-            f"recurrence), so it would need two different output errors. {_FIX}"
-        )
-    return chain
+    graphs: list[DirectGraph] = []
+    for call in calls:
+        call.consumed = True
+        graph = call.graph.root()
+        if not any(graph is g for g in graphs):
+            graphs.append(graph)
+    if not graphs:
+        return DirectGraph()
+    first, *others = graphs
+    for graph in others:  # towers that meet: one graph, calls kept in call order
+        graph.merged_into = first
+        first.calls.extend(graph.calls)
+        graph.calls = []
+    if others:
+        first.calls.sort(key=lambda call: call.order)
+    return first
 
 
 def direct_forward(
     layer: FeedbackLayer, input: Tensor, draw: Draw
-) -> tuple[Tensor, DirectChain | None]:
+) -> tuple[Tensor, DirectGraph | None]:
     """The layer's output, with DFA's backward pass: ``dL/dx = e_out @ B`` instead of ``dL/dy @ W``.
 
     The weight and bias gradients are the layer's usual ones for the ``dL/dy`` that reaches it.
     ``draw(layer, shape, generator)`` gives B when it is first needed (see the module docstring).
 
     Returns:
-        ``(output, chain)``: ``chain`` is the :class:`DirectChain` the call joined, or None when
+        ``(output, graph)``: ``graph`` is the :class:`DirectGraph` the call joined, or None when
         no graph is recorded (``torch.no_grad``, nothing requires grad).
-
-    Raises:
-        RuntimeError: the layer's input comes from a residual connection, a branch, or the same
-            layer earlier in the chain (see the module docstring).
 
     Example:
         >>> y, chain = direct_forward(layer, x, lambda l, s, g: torch.randn(s, generator=g))
@@ -239,20 +288,21 @@ def direct_forward(
 
 def _direct_call(
     layer: FeedbackLayer, input: Tensor, draw: Draw
-) -> tuple[Tensor, DirectChain | None]:
+) -> tuple[Tensor, DirectGraph | None]:
     output = layer.native_forward(input.detach())  # weight grads only; the error comes via B
     if not (output.requires_grad or input.requires_grad):
         return output, None
-    chain = _chain_for(layer, input)
-    chain.layers.append(layer)
-    call = _Call(chain, len(chain.layers) - 1, layer, draw)
-    return _apply(_DirectError, output, input, call), chain
+    graph = _graph_for(input)
+    call = _Call(graph, layer, draw)
+    graph.calls.append(call)
+    return _apply(_DirectError, output, input, call), graph
 
 
 def direct_feedback(
     layer: FeedbackLayer, error: Tensor, input_shape: tuple[int, ...], draw: Draw
 ) -> Tensor:
-    """The layer's DFA matrix ``(n_out, *input_shape[1:])``, drawn now if it is still empty.
+    """The layer's DFA matrix, drawn now if it is still empty: ``(n_out, *input_shape[1:])``, or
+    ``(n_out_features, in_features)`` when the output has the input's positions.
 
     Raises:
         RuntimeError: B was drawn for another output size or input shape.
@@ -263,7 +313,10 @@ def direct_feedback(
             f"{_describe(layer)} has {input_shape[0]}: the first dimension must be the batch "
             "(under torch.func.vmap over examples, call the model on x.unsqueeze(0))"
         )
-    shape = (error[0].numel(), *input_shape[1:])
+    if _per_position(error.shape, input_shape):
+        shape: tuple[int, ...] = (error.shape[-1], input_shape[-1])
+    else:
+        shape = (error[0].numel(), *input_shape[1:])
     feedback = layer.feedback_weight
     if tuple(feedback.shape) == shape:
         return feedback
@@ -290,13 +343,21 @@ def draw_direct_feedback(
     dtype: torch.dtype,
     init: str = "uniform",
     gain: float = 1.0,
+    scale: str = "output",
 ) -> Tensor:
-    """A random DFA matrix: ``U(-a, a)`` or ``N(0, a^2)`` with ``a = gain / sqrt(n_out)``.
+    """A random DFA matrix: ``U(-a, a)`` or ``N(0, a^2)`` (unit variance before ``a``).
 
-    ``n_out = shape[0]`` is the number of output errors summed into each entry of ``e @ B``, so
-    ``e @ B`` has about the size of ``e`` whatever the output width.
+    ``scale="output"``: ``a = gain / sqrt(n_out)``, ``n_out = shape[0]`` the output errors summed
+    into each entry of ``e @ B``: every unit of ``e @ B`` has about the size of ``e``, so the
+    norm of the error sent to a layer grows as ``sqrt(n_in)``, ``n_in = prod(shape[1:])``.
+    ``scale="input"``: entries of variance ``gain^2 / n_in`` (``a = gain sqrt(3 / n_in)`` for
+    uniform, ``gain / sqrt(n_in)`` for normal), so ``||e @ B|| ~ gain ||e||`` per example
+    whatever the layer's width, as backprop's errors roughly are.
     """
     bound = gain / math.sqrt(shape[0])
+    if scale == "input":
+        units = math.prod(shape[1:])
+        bound = gain * math.sqrt((3.0 if init == "uniform" else 1.0) / units)
     if init == "uniform":
         drawn = torch.rand(shape, generator=generator, device=device) * 2 - 1
     else:
@@ -338,8 +399,8 @@ class DFA(FeedbackRule):
     ``delta_l = phi'(a_l) * (e_out @ B_{l+1})``; ``B_{l+1}`` of shape ``(n_out, *input_shape)``
     is drawn at the first backward pass from ``U(-a, a)`` (``init="uniform"``) or ``N(0, a^2)``
     (``init="normal"``), ``a = gain / sqrt(n_out)``, and never changes. Works with the ordinary
-    loop (``loss.backward(); optimizer.step()``) on any model whose converted layers run as one
-    chain; raises for residual connections, branches and layers called twice (module docstring).
+    loop (``loss.backward(); optimizer.step()``) on any model: residual networks, transformers,
+    recurrent layers, shared layers (the module docstring gives the semantics on graphs).
 
     Options:
         init: ``"uniform"`` or ``"normal"``.
@@ -358,6 +419,7 @@ class DFA(FeedbackRule):
     name = "dfa"
     init: Literal["uniform", "normal"] = "uniform"
     gain: float = 1.0
+    scale: Literal["output", "input"] = "output"
 
     def validate(self) -> None:
         if not self.gain > 0:
@@ -385,4 +447,5 @@ class DFA(FeedbackRule):
             dtype=weight.dtype,
             init=self.init,
             gain=self.gain,
+            scale=self.scale,
         )

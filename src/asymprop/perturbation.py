@@ -73,6 +73,7 @@ from torch import Tensor, nn
 from .convert import exact_backprop, unwrap
 from .direct import (
     DirectChain,
+    _per_position,
     direct_forward,
     draw_direct_feedback,
     init_lazy_feedback,
@@ -210,12 +211,6 @@ class _Record:
             if not input.requires_grad:  # a copy: an in-place activation may overwrite it next
                 seen.clean = (input.detach(), output.detach().clone())
         else:
-            if chain is not None or seen.chain is not None:
-                raise RuntimeError(
-                    f"{type(layer).__name__}(weight {tuple(layer.weight.shape)}) is called "
-                    "twice in one forward pass: shape='dfa' sends one output error per layer, so "
-                    "weight sharing and recurrence need shape='fa'"
-                )
             seen.clean = None
         seen.learns = seen.learns or input.requires_grad
         seen.input_shapes.append(input.shape)
@@ -474,13 +469,20 @@ class RegressionRule(FeedbackRule):
                 return None
             errors = [e for e in learning if e is not None]
             return errors[0] if len(errors) == 1 else torch.cat(errors)
-        chains = {id(s.chain): s.chain for s in record.calls.values()}
-        if len(chains) != 1 or seen.chain is None:
+        if seen.chain is None:
+            return None
+        graphs = {id(s.chain.root()) for s in record.calls.values() if s.chain is not None}
+        if len(graphs) != 1:
             raise RuntimeError(
-                f"rule {self.name!r} with shape='dfa' needs the converted layers to run as one "
-                f"chain per forward pass, found {len(chains)}"
+                f"rule {self.name!r} with shape='dfa' sends one output error to every layer, but "
+                f"this forward pass ran {len(graphs)} separate graphs of converted layers (two "
+                "models, or outputs that never meet): use shape='fa'"
             )
-        return seen.chain.error
+        error = seen.chain.root().error
+        if error is None:
+            return None
+        calls = sum(seen.call_learns)  # every learning call regresses on the same output error
+        return error if calls == 1 else torch.cat([error] * calls)
 
     def _fit(
         self,
@@ -510,6 +512,10 @@ class RegressionRule(FeedbackRule):
             e = regressor.reshape(-1, regressor.shape[-1])
             t = target.reshape(-1, target.shape[-1])
             feedback = matrix  # B as an (out, in) view
+        elif _per_position(regressor.shape, target.shape):  # rows: examples x positions
+            e = regressor.reshape(-1, regressor.shape[-1])  # (rows, n_out)
+            t = target.reshape(-1, target.shape[-1])  # (rows, in)
+            feedback = layer.feedback_weight  # (n_out, in)
         else:  # rows: examples; (N, n_out) and (N, prod(input_shape))
             e = regressor.reshape(regressor.shape[0], -1)
             t = target.reshape(target.shape[0], -1)
