@@ -695,6 +695,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def kept_sections(text: str) -> str:
+    """The ``<!-- begin NAME -->`` ... ``<!-- end NAME -->`` sections of a RESULTS.md."""
+    kept, inside = [], False
+    for line in text.splitlines(keepends=True):
+        inside = inside or line.startswith("<!-- begin ")
+        if inside:
+            kept.append(line)
+        if line.startswith("<!-- end "):
+            inside = False
+    return "".join(kept)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -735,7 +747,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n" + text)
     if not args.no_write and not (args.quick and args.out is None):
         out = args.out or HERE / "RESULTS.md"
-        out.write_text(text + "\n")
+        # sections other scripts keep in this file (layer_kinds.py) survive a rewrite
+        kept = kept_sections(out.read_text()) if out.exists() else ""
+        out.write_text(text + "\n" + kept)
         if args.out is None:  # the suite's own run: keep this device's table for the other's
             summary = step_summary(results, device, machine_note(device, args.threads))
             saved = HERE / f"step-times-{device.type}.json"

@@ -91,40 +91,59 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--rules", nargs="+", default=["fa", "usf", "kp"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--budget", type=float, default=60.0, help="A/B seconds per model")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: torch's)"
-    )
-    parser.add_argument(
-        "--budget", type=float, default=60.0, help="seconds of A/B rounds per model"
+        "--write", action="store_true", help="put the table in its section of RESULTS.md"
     )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
-    print("| model | variant | ms/step | ratio to plain | spread |")
-    print("| --- | --- | --- | --- | --- |")
+    lines: list[str] = []
+
+    def emit(line: str) -> None:
+        lines.append(line)
+        print(line, flush=True)
+
+    given = sys.argv[1:] if argv is None else list(argv)
+    emit(f"`python benchmarks/layer_kinds.py {' '.join(given)}` (torch {torch.__version__}, "
+         f"{torch.get_num_threads()} thread(s), process CPU time)")  # fmt: skip
+    emit("")
+    emit("| model | variant | ms/step | ratio to plain | spread |")
+    emit("| --- | --- | --- | --- | --- |")
     for name in args.models:
         specs = ["plain", "plain-copy", *args.rules]
         timing = time_model(
-            workload(name),
-            specs,
-            warmup=3,
-            block_seconds=0.25,
-            budget_s=args.budget,
+            workload(name), specs, warmup=3, block_seconds=0.25, budget_s=args.budget,
             most_rounds=40,
-        )
+        )  # fmt: skip
         plain_ms = statistics.median(timing.times["plain"]) * 1e3
-        print(f"| {name} | plain | {plain_ms:.2f} | 1 | |")
+        emit(f"| {name} | plain | {plain_ms:.2f} | 1 | |")
         for spec in specs[1:]:
             if spec in timing.failed:
-                print(f"| {name} | {spec} | | failed: {timing.failed[spec]} | |")
+                emit(f"| {name} | {spec} | | failed: {timing.failed[spec]} | |")
                 continue
             ms = timing.median(spec) * 1e3
-            print(
-                f"| {name} | {spec} | {ms:.2f} | {timing.ratio(spec):.3f} | "
-                f"{timing.spread(spec):.3f} |"
-            )
-        sys.stdout.flush()
+            ratio, spread = timing.ratio(spec), timing.spread(spec)
+            emit(f"| {name} | {spec} | {ms:.2f} | {ratio:.3f} | {spread:.3f} |")
+    if args.write:
+        write_section("layer_kinds.py", "Layer kinds: step time against plain PyTorch", lines)
+
+
+def write_section(name: str, title: str, lines: list[str]) -> None:
+    """Replace (or append) this script's marked section of benchmarks/RESULTS.md (bench.py keeps
+    such sections when it rewrites the file)."""
+    path = Path(__file__).resolve().parent / "RESULTS.md"
+    text = path.read_text() if path.exists() else ""
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    section = "\n".join([begin, f"## {title}", "", *lines, end]) + "\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+    print(f"wrote the {name} section of {path}")
 
 
 if __name__ == "__main__":

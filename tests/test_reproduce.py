@@ -188,3 +188,25 @@ def test_cli_reproduce_names_the_valid_items(capsys: pytest.CaptureFixture[str])
 
     assert cli_main(["reproduce", "no-such-item"]) == 2
     assert "liao-digits" in capsys.readouterr().err
+
+
+def test_missing_dataset_is_one_line_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import asymprop.harness.reproduce as reproduce
+    from asymprop.harness.data import DatasetNotFoundError
+
+    def missing(*args: object, **kwargs: object) -> None:
+        raise DatasetNotFoundError("dataset 'fashion-mnist' not found: looked for ...")
+
+    monkeypatch.setattr(reproduce, "run_item", missing)
+    monkeypatch.delenv("ASYMPROP_DATA", raising=False)
+    code = reproduce.main(["--quick", "--only", "akrout-fashion-mnist", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "item 'akrout-fashion-mnist' needs 'fashion-mnist'" in err[0]
+    assert "--data-dir DIR" in err[0] and "ASYMPROP_DATA" in err[0]
+    # --data-dir is the documented ASYMPROP_DATA folder (restored after the test)
+    monkeypatch.setenv("ASYMPROP_DATA", "unset")
+    reproduce.main(["--quick", "--only", "akrout-fashion-mnist", "--data-dir", str(tmp_path)])
+    assert reproduce.os.environ["ASYMPROP_DATA"] == str(tmp_path)

@@ -317,9 +317,16 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     reproduce.add_argument("items", nargs="*", metavar="NAME", help="items (default: all)")
     reproduce.add_argument("--quick", action="store_true", help="a reduced version of each")
-    reproduce.add_argument("--out", default="runs/reproduce", metavar="DIR")
+    reproduce.add_argument(
+        "--out", default="runs/reproduce", metavar="DIR", help="output folder (runs/reproduce)"
+    )
     reproduce.add_argument(
         "--reuse", action="store_true", help="read back finished runs with the same settings"
+    )
+    reproduce.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="where the datasets' files are (as ASYMPROP_DATA): Fashion-MNIST for six items",
     )
     return parser
 
@@ -700,6 +707,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         args.out,
         *(["--quick"] if args.quick else []),
         *(["--reuse"] if args.reuse else []),
+        *(["--data-dir", args.data_dir] if args.data_dir else []),
     ]
     return reproduce_main([*argv, *(["--only", *args.items] if args.items else [])])
 

@@ -34,7 +34,9 @@ import argparse
 import csv
 import logging
 import math
+import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,7 +54,7 @@ from ..mirror import mirror
 from ..optim import make_optimizer
 from ..train import DivergenceError, train_step
 from .config import CONFIGS, config_from_dict
-from .data import load_dataset
+from .data import ENV_VAR, DatasetNotFoundError, load_dataset
 from .experiment import DataCache, RunConfig, prepare, train
 from .models import build_model
 from .records import mean_se, read_csv, read_yaml
@@ -1002,14 +1004,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="do not copy figures to docs/figures (always so under --quick, and outside a "
         "checkout of asymprop)",
     )
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="where the datasets' files are (sets ASYMPROP_DATA): the Fashion-MNIST items need "
+        "its IDX files (Debian: apt-get install dataset-fashion-mnist)",
+    )
     args = parser.parse_args(argv)
+    if args.data_dir:
+        os.environ[ENV_VAR] = args.data_dir
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("asymprop.harness.experiment").setLevel(logging.WARNING)
     # figures are copied into docs/figures only when run from a checkout (docs/REPRODUCTION.md)
     in_checkout = (FIGURES.parent / "REPRODUCTION.md").is_file()
     figures = None if (args.quick or args.no_figures or not in_checkout) else FIGURES
     for name in args.only or list(ITEMS):
-        result = run_item(name, args.quick, args.out, figures, args.reuse)
+        try:
+            result = run_item(name, args.quick, args.out, figures, args.reuse)
+        except DatasetNotFoundError as error:
+            dataset = str(error).split("'")[1] if "'" in str(error) else "its dataset"
+            print(
+                f"asymprop reproduce: error: item {name!r} needs {dataset!r}, which is not on "
+                f"this machine: pass --data-dir DIR (the folder of its files, or of a "
+                f"'{dataset}' folder), set {ENV_VAR}=DIR, or on Debian apt-get install "
+                f"dataset-{dataset}",
+                file=sys.stderr,
+            )
+            return 2
         print(f"## {name} ({result.seconds:.0f} s)\n\n{result.table}\n", flush=True)
     return 0
 
