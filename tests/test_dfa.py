@@ -378,3 +378,13 @@ def test_scale_input_keeps_the_error_norm_whatever_the_width(init: str) -> None:
             norms[scale, width] = float((sent.norm(dim=1) / e.norm(dim=1)).mean())
     assert 0.8 < norms["input", 16] < 1.2 and 0.9 < norms["input", 1024] < 1.1, norms
     assert norms["output", 1024] > 5 * norms["output", 16], norms  # ~ sqrt(1024 / 16) = 8
+
+
+def test_delta_alignment_reports_every_layer_of_a_residual_net() -> None:
+    from conftest import small_resnet
+
+    model = convert(small_resnet(), "dfa", seed=0)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    angles = asymprop.delta_alignment(model, F.cross_entropy, x, y)
+    assert list(angles) == [name for name, _ in feedback_layers(model)]
+    assert all(0 < a < 180 for a in angles.values()), angles  # B e is never backprop's

@@ -21,7 +21,7 @@ from torch import nn
 import asymprop
 from asymprop.harness import distributed
 
-RULES = ["bp", "fa", "kp", "wm", "brsf", "np"]
+RULES = ["bp", "fa", "kp", "wm", "brsf", "np", "dfa"]
 # WM's default mirror batch is the layer's last batch, which is a rank's share under DDP: fix it
 # so the one-process run mirrors the same noise.
 OPTIONS: dict[str, dict[str, object]] = {"wm": {"mirror_batch": 16}}
