@@ -418,3 +418,19 @@ def test_converted_layers_match_torch(case: tuple[nn.Module, tuple[int, ...]], d
     torch.testing.assert_close(gx, expected_x, rtol=tol, atol=tol)
     for got, want in zip(params, expected_params, strict=True):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_a_run_at_chance_level_is_reported_as_stalled() -> None:
+    from asymprop.harness.guard import STALL_EPOCHS, stalled
+
+    def rows(accuracies: list[float]) -> list[dict[str, float]]:
+        return [
+            {"epoch": e, "test_accuracy": a, "train_loss": 2.3} for e, a in enumerate(accuracies)
+        ]
+
+    assert stalled(rows([0.1] * STALL_EPOCHS), 10) is None  # epoch 0 (untrained) does not count
+    note = stalled(rows([0.1, 0.09, 0.11, 0.1]), 10)
+    assert note is not None and "stopped learning" in note and "chance 10.0%" in note
+    assert stalled(rows([0.1, 0.09, 0.11, 0.4]), 10) is None  # it learns again
+    assert stalled(rows([0.5, 0.5, 0.51, 0.5]), 2) is not None  # binary: chance is 50%
+    assert stalled(rows([float("nan")] * 5), 10) is None  # regression: no accuracy

@@ -90,7 +90,7 @@ from .config import (
 )
 from .data import Dataset, load_dataset
 from .distributed import DistInfo, wrap
-from .guard import StopSignals, first_nonfinite, largest_weight
+from .guard import StopSignals, first_nonfinite, largest_weight, stalled
 from .models import build_model
 from .records import METRIC_COLUMNS, append_row, layer_columns, write_csv, write_yaml
 
@@ -190,6 +190,7 @@ class Run:
     rows: list[dict[str, Any]] = field(default_factory=list)  # metrics.csv so far
     saved_step: int | None = None  # the step of the last checkpoint written or loaded
     epoch_started: float = field(default_factory=time.perf_counter)
+    stall_reported: bool = False  # guard.stalled has been logged once
 
     @property
     def is_main(self) -> bool:
@@ -873,6 +874,10 @@ def _epochs(
         row["seconds"] = run.seconds + time.perf_counter() - run.epoch_started
         run.epoch, run.batch, run.loss_sum, run.loss_count, run.seconds = epoch, 0, 0.0, 0, 0.0
         record(row)
+        note = stalled(run.rows, run.dataset.num_classes) if run.task == "classification" else None
+        if note is not None and run.is_main and not run.stall_reported:
+            run.stall_reported = True
+            log.warning("%s: %s", run.config.run_dir, note)
         if stop is not None and _any_rank(run, stop.requested):
             assert stop.signum is not None
             raise Interrupted(stop.name, stop.signum, epoch, run.step)

@@ -3,6 +3,9 @@
 * :func:`first_nonfinite` names the first tensor of a model's state (weight, bias, feedback
   weight, rule buffer, batch-norm statistic) holding a NaN or an infinity, with its layer; one
   device-to-host transfer when everything is finite.
+* :func:`stalled` says when a classification run has stopped learning: its test accuracy has
+  sat at chance for several epochs while the loss stays finite (dead units, a feedback scale
+  that blows the hidden layers up: nothing a NaN check sees).
 * :class:`StopSignals` turns SIGINT and SIGTERM into a flag that the training loop reads after
   each step, so it can finish the step, write a checkpoint and exit cleanly. A second signal
   while the first is being handled ends the process at once (the checkpoint files are written
@@ -22,7 +25,10 @@ from torch import nn
 
 from ..convert import unwrap
 
-__all__ = ["NonFinite", "StopSignals", "first_nonfinite", "largest_weight"]
+__all__ = ["NonFinite", "StopSignals", "first_nonfinite", "largest_weight", "stalled"]
+
+#: epochs at chance level after which :func:`stalled` speaks, and how close to chance counts
+STALL_EPOCHS, STALL_MARGIN = 3, 0.02
 
 NonFinite = tuple[str, str, str]
 """(layer qualified name, tensor name within the layer, ``"nan"`` or ``"inf"``)."""
@@ -104,3 +110,32 @@ class StopSignals:
 
     def __exit__(self, *exc: object) -> None:
         self._restore()
+
+
+def stalled(rows: list[dict[str, Any]], num_classes: int) -> str | None:
+    """Why a classification run has stopped learning, or None.
+
+    The run has stalled when the test accuracy of each of its last ``STALL_EPOCHS`` epochs (1
+    and later) is within ``STALL_MARGIN`` of chance, ``1 / num_classes``: the network predicts
+    about as well as a constant, though nothing is NaN. Regression runs (accuracy NaN) never
+    stall here.
+
+    Example:
+        >>> rows = [{"epoch": e, "test_accuracy": 0.1, "train_loss": 2.3} for e in range(4)]
+        >>> stalled(rows, 10).startswith("test accuracy 10.0% (chance 10.0%) for the last 3")
+        True
+    """
+    trained = [row for row in rows if row.get("epoch", 0) >= 1]
+    if num_classes < 2 or len(trained) < STALL_EPOCHS:
+        return None
+    chance = 1.0 / num_classes
+    last = trained[-STALL_EPOCHS:]
+    accuracies = [float(row.get("test_accuracy", float("nan"))) for row in last]
+    if not all(abs(a - chance) <= STALL_MARGIN for a in accuracies):  # NaN: False
+        return None
+    return (
+        f"test accuracy {100 * accuracies[-1]:.1f}% (chance {100 * chance:.1f}%) for the last "
+        f"{STALL_EPOCHS} epochs, train loss {float(last[-1]['train_loss']):.3g}: the run has "
+        "stopped learning (dead units or exploding hidden layers; try a smaller --lr, or for "
+        "dfa scale=input or a smaller gain)"
+    )
