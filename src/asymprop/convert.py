@@ -132,15 +132,21 @@ def convert(
             chosen.init_feedback(layer, generator)
         layers += 1
 
+    def pick(name: str, module: nn.Module) -> FeedbackRule | None:
+        """The rule for ``module``, or None (excluded by a pattern or by the callable)."""
+        if excluded(name, module):
+            return None
+        chosen = choose(name, module)
+        if chosen is None:
+            module.__dict__["_asymprop_excluded"] = "the rule callable returned None"
+        return chosen
+
     def replacement(name: str, child: nn.Module) -> nn.Module | None:
         if id(child) in converted:
             return converted[id(child)]
         if feedback_type(child) is not None:
-            if excluded(name, child):
-                return None
-            chosen = choose(name, child)
+            chosen = pick(name, child)
             if chosen is None:
-                child.__dict__["_asymprop_excluded"] = "the rule callable returned None"
                 return None
             layer = make_feedback_layer(child, chosen)
             attach(name, layer, chosen)
@@ -152,14 +158,10 @@ def convert(
 
         def make_site(relative: str, site: FeedbackLayer) -> bool:
             full = f"{name}.{relative}" if name else relative
-            if excluded(full, site):
-                return False
-            chosen = choose(full, site)
-            if chosen is None:
-                site.__dict__["_asymprop_excluded"] = "the rule callable returned None"
-                return False
-            attach(full, site, chosen)
-            return True
+            chosen = pick(full, site)
+            if chosen is not None:
+                attach(full, site, chosen)
+            return chosen is not None
 
         if excluded(name, child):
             return None

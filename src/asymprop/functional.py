@@ -179,12 +179,16 @@ def feedback_linear(
 
     Paper: feedback alignment, 003 eq. (3)-(4); KP, 000 Alg. 2.
     """
+    _check_shapes(weight, backward_weight)
+    return _apply(_FeedbackLinear, x, weight, bias, backward_weight)
+
+
+def _check_shapes(weight: Tensor, backward_weight: Tensor) -> None:
     if backward_weight.shape != weight.shape:
         raise ValueError(
             f"backward_weight has shape {tuple(backward_weight.shape)} but weight has "
             f"{tuple(weight.shape)}: B is stored in W's shape (see SCIENCE.md)"
         )
-    return _apply(_FeedbackLinear, x, weight, bias, backward_weight)
 
 
 def _tuple(v: int | Sequence[int], dims: int) -> tuple[int, ...]:
@@ -237,11 +241,7 @@ def feedback_conv(
 
     Paper: 000 App. D.2 (B is a kernel used by the transposed convolution).
     """
-    if backward_weight.shape != weight.shape:
-        raise ValueError(
-            f"backward_weight has shape {tuple(backward_weight.shape)} but weight has "
-            f"{tuple(weight.shape)}: B is stored in W's shape (see SCIENCE.md)"
-        )
+    _check_shapes(weight, backward_weight)
     dims = weight.dim() - 2
     return _apply(
         _FeedbackConv,

@@ -443,6 +443,8 @@ class _ConvKind(FeedbackLayer):
             padding,
             self._torch.dilation,
             self._torch.groups,
+            transposed=self.transposed,
+            output_padding=self._output_pad(len(padding)),
         )
 
     def _backward(
@@ -532,21 +534,6 @@ class _ConvTransposeKind(_ConvKind):
 
     def native_forward(self, input: Tensor) -> Tensor:
         return self._op(input, self.weight, self._torch.bias)
-
-    def feedback_forward(self, input: Tensor, backward_weight: Tensor) -> Tensor:
-        padding = self._padded(input)[1]
-        return feedback_conv(
-            input,
-            self.weight,
-            self._torch.bias,
-            backward_weight,
-            self._torch.stride,
-            padding,
-            self._torch.dilation,
-            self._torch.groups,
-            transposed=True,
-            output_padding=self._output_pad(len(padding)),
-        )
 
     def input_grad(self, grad_output: Tensor, backward_weight: Tensor, input: Tensor) -> Tensor:
         probe = grad_output.new_empty(()).expand(input.shape)  # only its shape is read
