@@ -113,7 +113,9 @@ def train(spec: str, x: Tensor, y: Tensor, xt: Tensor, yt: Tensor, steps: int, e
                     h = module(h)
                     if isinstance(module, nn.ReLU):
                         active.append(f"{float((h > 0).float().mean()):.2f}")
-            weights = [f"{float(m.weight.norm()):.3g}" for _, m in asymprop.feedback_layers(model)]
+            weights = [
+                f"{float(m.weight.detach().norm()):.3g}" for _, m in asymprop.feedback_layers(model)
+            ]
             print(f"| {spec} | {step} | {loss:.3g} | {' '.join(weights)} | {' '.join(active)} |")
     with torch.no_grad():
         error = float((model(xt).argmax(1) != yt).float().mean())
