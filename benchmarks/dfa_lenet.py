@@ -8,11 +8,15 @@ test images. Two parts:
   receives at its input and of its weight gradient, for bp, fa and dfa (both scales);
 * ``--part train``: test error after ``--steps`` steps per ``rule[:lr][:option=value...]``.
 * ``--part growth``: weight norms and the fraction of active ReLU units every 50 steps.
+* ``--part resnet20``: ResNet-20 (batch norm) on unpadded Fashion-MNIST, 200 steps of SGD
+  (momentum 0.9, no weight decay, batch 64): mean loss of the first and last 20 steps per spec.
 
     python benchmarks/dfa_lenet.py --part norms
     python benchmarks/dfa_lenet.py --part train bp fa dfa dfa:0.001 dfa::scale=input \\
         dfa::scale=input:gain=0.1
     python benchmarks/dfa_lenet.py --part growth dfa dfa::scale=input
+    python benchmarks/dfa_lenet.py --part resnet20 dfa dfa:0.001 dfa::scale=input \
+        dfa::scale=input:gain=0.3 dfa::scale=input:gain=0.1
 
 Needs Fashion-MNIST (``apt-get install dataset-fashion-mnist`` or ``ASYMPROP_DATA``).
 """
@@ -124,13 +128,35 @@ def train(spec: str, x: Tensor, y: Tensor, xt: Tensor, yt: Tensor, steps: int, e
         print(f"| {spec} | {lr} | {steps} | {100 * error:.1f}% | {loss:.3g} | {seconds:.0f} |")
 
 
+def resnet20(specs: Sequence[str]) -> None:
+    from asymprop.harness.models import build_model
+
+    x, y = load_dataset("fashion-mnist").train.tensors  # type: ignore[attr-defined]
+    print("| rule | lr | loss, first 20 steps | loss, last 20 of 200 |")
+    print("| --- | --- | --- | --- |")
+    for spec in specs:
+        rule, lr, options = parse(spec)
+        torch.manual_seed(0)
+        model = asymprop.convert(build_model("resnet20", (1, 28, 28), 10), rule, seed=0, **options)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
+        gen = torch.Generator().manual_seed(0)
+        losses = []
+        for _ in range(200):
+            idx = torch.randint(0, len(x), (BATCH,), generator=gen)
+            losses.append(asymprop.train_step(model, opt, F.cross_entropy, x[idx], y[idx]))
+        print(f"| {spec} | {lr} | {sum(losses[:20]) / 20:.3g} | {sum(losses[-20:]) / 20:.3g} |")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["norms", "train", "growth"], default="norms")
+    parser.add_argument("--part", choices=["norms", "train", "growth", "resnet20"], default="norms")
     parser.add_argument("specs", nargs="*", default=["bp", "fa", "dfa"])
     parser.add_argument("--steps", type=int, default=900)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.part == "resnet20":
+        resnet20(args.specs)
+        return
     x, y, xt, yt = data()
     if args.part == "norms":
         norms(x, y)
