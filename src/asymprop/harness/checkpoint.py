@@ -18,18 +18,29 @@ any moment leaves either the previous checkpoint or the new one, never half a fi
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import pickle
 import random
+import shutil
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "capture_rng", "read_checkpoint", "restore_rng", "write_atomic"]
+__all__ = [
+    "CheckpointError",
+    "capture_rng",
+    "read_checkpoint",
+    "restore_rng",
+    "tensor_digest",
+    "write_atomic",
+]
 
 TEMP_PREFIX = ".tmp-"
 """Temporary files start with this (a killed write leaves one; :func:`remove_stale` deletes it)."""
@@ -82,10 +93,56 @@ def write_atomic(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp, target)
+    except (OSError, RuntimeError) as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, RuntimeError) and not _writer_failed(err):
+            raise
+        raise _write_error(target, err) from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(target.parent)
+
+
+def _writer_failed(err: RuntimeError) -> bool:
+    """torch's file writer failed (a full disk, an I/O error), as opposed to an object that
+    cannot be saved."""
+    text = str(err)
+    return any(key in text for key in ("inline_container", "PytorchStreamWriter", "unexpected pos"))
+
+
+def _write_error(target: Path, err: BaseException) -> CheckpointError:
+    """One line for a failed write; a full disk says so (torch's zip writer reports ENOSPC as
+    ``RuntimeError: [enforce fail at inline_container.cc] . unexpected pos``)."""
+    free = shutil.disk_usage(target.parent).free
+    full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or (
+        isinstance(err, RuntimeError) and "unexpected pos" in str(err)
+    )
+    kept = "the previous checkpoint is kept" if target.exists() else "no checkpoint was kept"
+    if full:
+        return CheckpointError(
+            f"no space left on the device of {target.parent} ({free / 2**20:.0f} MiB free) "
+            f"writing {target.name}; {kept}, no temporary file is left"
+        )
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    return CheckpointError(f"could not write {target} ({reason}); {kept}")
+
+
+def tensor_digest(tensors: Mapping[str, Any]) -> str:
+    """SHA-256 of a state dict's tensors: names, dtypes, shapes and bytes, in key order.
+
+    Stored in every checkpoint and checked when it is loaded: bytes changed after writing (a
+    damaged disk, an edit) are caught instead of trained on.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = tensors[name]
+        if not isinstance(value, torch.Tensor):
+            continue
+        data = value.detach().cpu().contiguous()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -117,8 +174,22 @@ def read_checkpoint(path: str | os.PathLike[str], device: torch.device | None = 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: nothing to resume")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint")
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        reason = " ".join(str(err).split())[:200]
-        raise CheckpointError(f"{path} is not a readable checkpoint ({reason})") from err
+    except pickle.UnpicklingError as err:  # torch's message advises weights_only=False: no
+        if "Unsupported global" in str(err):
+            raise CheckpointError(
+                f"{path} is not an asymprop checkpoint: it holds Python objects beyond tensors "
+                "and plain data, which asymprop never writes (and will not run)"
+            ) from err
+        raise CheckpointError(
+            f"{path} is not a checkpoint (not a complete torch.save file: truncated, damaged "
+            "or another format)"
+        ) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
+        raise CheckpointError(
+            f"{path} is not a checkpoint (not a complete torch.save file: truncated, damaged "
+            "or another format)"
+        ) from err

@@ -527,6 +527,7 @@ def _epoch_line(row: dict[str, Any]) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError
     from .experiment import CHECKPOINT, Interrupted, RunDivergedError, load_checkpoint, prepare
     from .experiment import train as train_run
     from .guard import StopSignals
@@ -576,6 +577,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             )
         except KeyboardInterrupt:
             _fail(f"{_PROG}: interrupted; finished epochs are in {out}", EXIT_INTERRUPTED)
+        except CheckpointError as err:  # a write failed (full disk, I/O): nothing half-written
+            _fail(f"{_PROG}: error: {err}")
     if main:
         files = sorted(p.name for p in out.iterdir() if p.is_file())
         print(f"wrote {out}: {', '.join(files)}")

@@ -78,7 +78,15 @@ from ..metrics import alignment, delta_alignment
 from ..mirror import mirror
 from ..optim import make_optimizer
 from ..train import DivergenceError, train_step
-from .checkpoint import capture_rng, read_checkpoint, remove_stale, restore_rng, write_atomic
+from .checkpoint import (
+    CheckpointError,
+    capture_rng,
+    read_checkpoint,
+    remove_stale,
+    restore_rng,
+    tensor_digest,
+    write_atomic,
+)
 from .config import (
     RESUMABLE,
     ConfigError,
@@ -705,7 +713,8 @@ def save_checkpoint(run: Run, path: str | Path) -> None:
         "divergence_skips": run.divergence_skips,
         "skipped_step": run.skipped_step,
         "rows": run.rows,
-        "model": run.module.state_dict(),
+        "model": (model := run.module.state_dict()),
+        "digest": tensor_digest(model),
         "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "rng": capture_rng([run.device]),
@@ -720,7 +729,7 @@ def load_checkpoint(run: Run, path: str | Path) -> None:
         asymprop.harness.checkpoint.CheckpointError: no such file, or not a checkpoint.
         ConfigError: the checkpoint was written by a run with other settings (names them).
     """
-    state = read_checkpoint(path)
+    state = _checked(read_checkpoint(path), Path(path))
     saved = config_from_dict(RunConfig, state["config"], f"{path}")
     changed = [
         name
@@ -745,6 +754,31 @@ def load_checkpoint(run: Run, path: str | Path) -> None:
     run.saved_step = run.step
 
 
+_CHECKPOINT_KEYS = ("config", "model", "optimizer", "rng", "epoch", "step", "rows")
+
+
+def _checked(state: Any, path: Path) -> dict[str, Any]:
+    """A loaded checkpoint, refused if it is not one of ours, damaged or holds NaN/inf."""
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a checkpoint of asymprop train (it has no {', '.join(missing)})"
+        )
+    digest = state.get("digest")
+    if digest is not None and digest != tensor_digest(state["model"]):
+        raise CheckpointError(
+            f"{path} is damaged: its tensors no longer match the SHA-256 digest written with "
+            "them (bytes changed after the write)"
+        )
+    for name, tensor in state["model"].items():
+        finite = not isinstance(tensor, Tensor) or not tensor.is_floating_point()
+        if not finite and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"{path} holds non-finite values in {name}: not a good state to resume from"
+            )
+    return state
+
+
 def resume_config(
     directory: str | Path, changes: dict[str, Any] | None = None, source: str = "--resume"
 ) -> RunConfig:
@@ -757,8 +791,9 @@ def resume_config(
         ConfigError: a change to a setting not in :data:`RESUMABLE` (names it).
     """
     directory = Path(directory)
-    state = read_checkpoint(directory / CHECKPOINT)
+    state = _checked(read_checkpoint(directory / CHECKPOINT), directory / CHECKPOINT)
     saved = dict(state["config"])
+    _agrees_with_config_yaml(directory, saved)
     changes = dict(changes or {})
     for key, value in changes.items():
         if key not in RESUMABLE and key in saved and saved[key] != value:
@@ -770,6 +805,30 @@ def resume_config(
         RunConfig, {**saved, **changes, "out": str(directory)}, source
     )
     return config
+
+
+def _agrees_with_config_yaml(directory: Path, saved: dict[str, Any]) -> None:
+    """The run's ``config.yaml`` says what its checkpoint says (not another run's checkpoint,
+    not an edited file that resuming would silently ignore and overwrite)."""
+    from .records import read_yaml
+
+    path = directory / "config.yaml"
+    if not path.is_file():
+        return
+    written = config_from_dict(RunConfig, {**read_yaml(path), "out": str(directory)}, str(path))
+    loaded = config_from_dict(RunConfig, {**saved, "out": str(directory)}, "checkpoint")
+    differ = [
+        f"{name} ({getattr(written, name)!r} in config.yaml, {getattr(loaded, name)!r} in "
+        f"{CHECKPOINT})"
+        for name in RunConfig.__dataclass_fields__
+        if getattr(written, name) != getattr(loaded, name)
+    ]
+    if differ:
+        raise ConfigError(
+            f"{path} disagrees with {directory / CHECKPOINT} on {'; '.join(differ)}: the "
+            "checkpoint belongs to another run, or config.yaml was edited (resuming would "
+            "overwrite it); change settings on resume with flags or key=value overrides"
+        )
 
 
 # --- one run ------------------------------------------------------------------------------------

@@ -1,0 +1,105 @@
+"""Faults a run must survive without losing or corrupting a result (issue: runs that never lose
+a result): damaged, foreign and mismatched checkpoints, a full disk."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from asymprop.harness.checkpoint import TEMP_PREFIX, CheckpointError, tensor_digest, write_atomic
+from asymprop.harness.cli import main
+from asymprop.harness.experiment import CHECKPOINT
+
+SMALL = ["--model-opt", "widths=[16]", "--train-size", "120", "--epochs", "1", "--quiet"]
+
+
+def _train(out: Path, rule: str = "fa", *extra: str) -> None:
+    assert main(["train", "--rule", rule, "--out", str(out), *SMALL, *extra]) == 0
+
+
+def _resume_error(out: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_foreign_empty_and_random_files_are_one_clear_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / CHECKPOINT
+    torch.save({"hello": 1}, path)
+    assert "is not a checkpoint of asymprop train (it has no config" in _resume_error(
+        tmp_path, capsys
+    )
+    path.write_bytes(b"")
+    assert "is empty (0 bytes)" in _resume_error(tmp_path, capsys)
+    path.write_bytes(bytes(range(256)) * 4)
+    err = _resume_error(tmp_path, capsys)
+    assert "not a complete torch.save file" in err and "weights_only" not in err
+    torch.save({"config": Path("x")}, path)  # a pickled object: never loaded, never run
+    assert "holds Python objects beyond tensors" in _resume_error(tmp_path, capsys)
+
+
+def test_damaged_tensor_bytes_and_nan_weights_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _train(tmp_path)
+    path = tmp_path / CHECKPOINT
+    good = torch.load(path, weights_only=True)
+    state = torch.load(path, weights_only=True)
+    state["model"]["1.weight"][0, 0] += 1.0  # bytes changed after the write, digest kept
+    torch.save(state, path)
+    assert "is damaged: its tensors no longer match the SHA-256 digest" in _resume_error(
+        tmp_path, capsys
+    )
+    state = torch.load(path, weights_only=True)
+    state["model"]["1.weight"][0, 0] = float("nan")
+    state["digest"] = tensor_digest(state["model"])  # a consistent file that holds a NaN
+    torch.save(state, path)
+    assert "holds non-finite values in 1.weight" in _resume_error(tmp_path, capsys)
+    torch.save(good, path)  # the good file resumes
+    assert main(["train", "--resume", str(tmp_path), "--epochs", "2", "--quiet"]) == 0
+
+
+def test_a_checkpoint_of_another_run_or_an_edited_config_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fa, kp = tmp_path / "fa", tmp_path / "kp"
+    _train(fa, "fa")
+    _train(kp, "kp", "--weight-decay", "1e-3")
+    shutil.copy(fa / CHECKPOINT, kp / CHECKPOINT)  # an fa checkpoint dropped into a kp folder
+    err = _resume_error(kp, capsys)
+    assert "config.yaml disagrees with" in err and "rule ('kp' in config.yaml, 'fa' in" in err
+    config = (fa / "config.yaml").read_text()
+    (fa / "config.yaml").write_text(config.replace("seed: 0", "seed: 5"))
+    assert "seed (5 in config.yaml, 0 in checkpoint.pt)" in _resume_error(fa, capsys)
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / CHECKPOINT
+    write_atomic({"step": 1, "w": torch.ones(3)}, path)
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match=r"no space left on the device of .* MiB free"):
+        write_atomic({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1  # the previous one is whole
+    assert not list(tmp_path.glob(f"{TEMP_PREFIX}*"))  # and no temporary file is left
+
+    def torch_full(*args: object, **kwargs: object) -> None:  # what torch's writer raises
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 6")
+
+    monkeypatch.setattr(torch, "save", torch_full)
+    with pytest.raises(CheckpointError, match="no space left"):
+        write_atomic({"step": 3}, path)
