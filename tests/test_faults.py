@@ -103,3 +103,74 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_says_so(
     monkeypatch.setattr(torch, "save", torch_full)
     with pytest.raises(CheckpointError, match="no space left"):
         write_atomic({"step": 3}, path)
+
+
+# --- output folders ---------------------------------------------------------------------------
+
+
+def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(args)
+    return code, capsys.readouterr().err.strip()
+
+
+def test_a_finished_run_is_never_overwritten_without_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    _train(out, "kp", "--weight-decay", "1e-3")
+    before = (out / CHECKPOINT).read_bytes()
+    (out / "notes.txt").write_text("mine")
+    code, err = _run(["train", "--rule", "fa", "--out", str(out), *SMALL], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "already holds results (config.yaml, metrics.csv, checkpoint.pt" in err
+    assert f"--resume {out}" in err and "--overwrite" in err
+    assert (out / CHECKPOINT).read_bytes() == before  # nothing touched
+    assert main(["train", "--rule", "fa", "--out", str(out), "--overwrite", *SMALL]) == 0
+    assert "rule: fa" in (out / "config.yaml").read_text()
+    assert (out / "notes.txt").read_text() == "mine"  # only what asymprop wrote was removed
+
+
+def test_compare_refuses_an_old_comparison_and_overwrite_removes_its_run_folders(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cmp"
+    args = ["compare", "--rules", "bp,fa", "--out", str(out), *SMALL]
+    assert main(args) == 0
+    old = sorted(p.name for p in (out / "runs").iterdir())
+    code, err = _run(["compare", "--rules", "bp", "--out", str(out), *SMALL], capsys)
+    assert code == 2 and "already holds results (config.yaml, results.csv" in err
+    assert main(["compare", "--rules", "bp", "--out", str(out), "--overwrite", *SMALL]) == 0
+    new = sorted(p.name for p in (out / "runs").iterdir())
+    assert len(old) == 2 and len(new) == 1  # no stale run folder is left
+
+
+def test_a_second_process_on_the_same_folder_fails_naming_the_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+
+    from asymprop.harness.folders import claim
+
+    out = tmp_path / "busy"
+    with claim(out, what="run"):
+        code, err = _run(["train", "--out", str(out), *SMALL], capsys)
+    assert code == 2 and f"is in use by another asymprop process (PID {os.getpid()})" in err
+    assert main(["train", "--out", str(out), *SMALL]) == 0  # free again
+
+
+def test_unusable_output_folders_are_one_line_before_any_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, err = _run(["train", "--out", str(afile), *SMALL], capsys)
+    assert code == 2 and f"output folder {afile} is a file" in err
+    code, err = _run(["train", "--out", str(afile / "sub"), *SMALL], capsys)
+    assert code == 2 and f"is under the file {afile}" in err
+    monkeypatch.setattr(os, "access", lambda *args: False)  # a read-only file system (as root)
+    code, err = _run(["train", "--out", str(tmp_path / "ro"), *SMALL], capsys)
+    assert code == 2 and "is not writable" in err
+    assert not (tmp_path / "ro").exists()  # refused before writing: no folder left

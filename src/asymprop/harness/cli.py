@@ -267,6 +267,11 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="continue the run in DIR from its checkpoint.pt (--epochs may be raised)",
     )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a run already in --out (removes only the files asymprop wrote there)",
+    )
     _common(train, one_run=True)
 
     compare = sub.add_parser(
@@ -296,6 +301,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument(
         "--out", default=s, metavar="DIR", help="output directory (default runs/compare)"
+    )
+    compare.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a comparison already in --out (removes only the files asymprop wrote)",
     )
     _common(compare, one_run=False)
 
@@ -533,9 +543,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .guard import StopSignals
 
     config = _check(lambda: _train_config(args))
-    with _distributed(config.device) as info:
+    with _distributed(config.device) as info, contextlib.ExitStack() as folder:
         main = info is None or info.rank == 0
         quiet = args.quiet or not main
+        if main:  # before any data is loaded: a folder it may write, and no one else's run
+            claim = _folder(config.run_dir, "run", bool(args.resume), args.overwrite)
+            _check(lambda: folder.enter_context(claim))
         run = _check(lambda: prepare(config, dist_info=info))
         out = config.run_dir
         if args.resume:
@@ -580,9 +593,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         except CheckpointError as err:  # a write failed (full disk, I/O): nothing half-written
             _fail(f"{_PROG}: error: {err}")
     if main:
-        files = sorted(p.name for p in out.iterdir() if p.is_file())
+        files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name[0] != ".")
         print(f"wrote {out}: {', '.join(files)}")
     return 0
+
+
+def _folder(out: Path, what: str, resume: bool, overwrite: bool) -> Any:
+    from .folders import claim
+
+    return claim(out, what=what, resume=resume, overwrite=overwrite)
 
 
 @contextlib.contextmanager
@@ -613,11 +632,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     config = _check(lambda: _compare_config(args))
     device = str(config.settings.get("device", "auto"))
-    with _distributed(device) as info:
+    with _distributed(device) as info, contextlib.ExitStack() as stack:
         main = info is None or info.rank == 0
         quiet = args.quiet or not main
         cache: dict[tuple[Any, ...], Any] = {}
         world = info.world_size if info is not None else 1
+        if main:
+            claim = _folder(Path(config.out), "comparison", False, args.overwrite)
+            _check(lambda: stack.enter_context(claim))
         runs = _check(lambda: plan(config, cache, world))
         if not quiet:
             print(
@@ -641,7 +663,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         return 0
     print(table, end="")
     out = Path(config.out)
-    files = ", ".join(p.name for p in sorted(out.iterdir()) if p.is_file())
+    files = ", ".join(p.name for p in sorted(out.iterdir()) if p.is_file() and p.name[0] != ".")
     failed = sum(1 for r in results if r["status"] != "ok")
     note = f"; {failed} run(s) diverged" if failed else ""
     print(f"wrote {out}: {files} ({time.perf_counter() - started:.0f} s{note})")
