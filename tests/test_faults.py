@@ -174,3 +174,36 @@ def test_unusable_output_folders_are_one_line_before_any_data(
     code, err = _run(["train", "--out", str(tmp_path / "ro"), *SMALL], capsys)
     assert code == 2 and "is not writable" in err
     assert not (tmp_path / "ro").exists()  # refused before writing: no folder left
+
+
+# --- finite blow-ups ------------------------------------------------------------------------
+
+
+def test_an_exploding_finite_loss_stops_like_nan_with_exit_3(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Adam at lr 1e6 drives the loss to ~1e21 without a NaN: that is divergence, not success."""
+    out = tmp_path / "boom"
+    args = ["train", "--optimizer", "adam", "--lr", "1e6", "--out", str(out), *SMALL]
+    code, err = _run(args, capsys)
+    assert code == 3, err
+    assert "exceeds explode_factor=10000 times the run's first loss" in err
+    assert (out / CHECKPOINT).exists()  # the last good checkpoint is kept
+    assert "resume with" in err and "on_divergence=skip" in err
+    # the threshold is a setting: off with inf (the run then "finishes", as it used to)
+    code, _ = _run([*args[: -len(SMALL)], "--overwrite", *SMALL, "explode_factor=inf"], capsys)
+    assert code == 0
+
+
+def test_kp_without_weight_decay_is_said_loudly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="asymprop.harness.experiment"):
+        _train(tmp_path / "kp0", "kp")
+    assert "rule 'kp' with weight_decay=0: B - W never shrinks" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="asymprop.harness.experiment"):
+        _train(tmp_path / "kp1", "kp", "--weight-decay", "1e-4")
+    assert "never shrinks" not in caplog.text

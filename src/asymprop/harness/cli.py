@@ -578,8 +578,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 else "no checkpoint was written"
             )
             _fail(
-                f"{_PROG}: error: {err}; {kept}; try a smaller --lr, batch norm, --optimizer "
-                "bm1, or on_divergence=skip",
+                f"{_PROG}: error: {err}; {kept}; start again with a smaller --lr, batch norm or "
+                f"--optimizer bm1 (--overwrite replaces this run), or resume with: asymprop "
+                f"train --resume {out} on_divergence=skip (back to the last checkpoint at a "
+                "lower lr)",
                 EXIT_DIVERGED,
             )
         except Interrupted as stopped:

@@ -91,6 +91,7 @@ RESUMABLE = (
     "on_divergence",
     "lr_backoff",
     "max_divergence_skips",
+    "explode_factor",
 )
 """Settings that ``--resume`` may change: none of them changes what the next step computes."""
 
@@ -204,6 +205,9 @@ class RunConfig:
         on_divergence: ``stop`` (exit with the last good checkpoint kept) or ``skip`` (skip the
             step, or go back to the last checkpoint, and multiply lr by ``lr_backoff``; at most
             ``max_divergence_skips`` times in a run).
+        explode_factor: a finite loss above this many times the run's first loss counts as
+            divergence too (``inf`` turns the check off): a run whose loss explodes without
+            becoming NaN stops (exit 3) with its last good checkpoint, instead of "finishing".
     """
 
     rule: str = "bp"
@@ -239,6 +243,7 @@ class RunConfig:
     on_divergence: str = "stop"
     lr_backoff: float = 0.5
     max_divergence_skips: int = 10
+    explode_factor: float = 1e4
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for ``config.yaml`` (``out`` filled in)."""
@@ -374,6 +379,8 @@ def check_config(config: RunConfig, world_size: int = 1) -> None:
         raise ConfigError(f"weight_decay must be a finite number >= 0, got {config.weight_decay}")
     if not 0 < config.lr_backoff < 1:
         raise ConfigError(f"lr_backoff must be in (0, 1), got {config.lr_backoff}")
+    if not config.explode_factor > 1:  # NaN fails too
+        raise ConfigError(f"explode_factor must be > 1 (inf: off), got {config.explode_factor}")
     if config.momentum and config.optimizer in ("adam", "adamw"):
         raise ConfigError(
             f"optimizer {config.optimizer!r} takes no momentum (got {config.momentum}); "

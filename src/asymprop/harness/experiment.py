@@ -199,6 +199,7 @@ class Run:
     saved_step: int | None = None  # the step of the last checkpoint written or loaded
     epoch_started: float = field(default_factory=time.perf_counter)
     stall_reported: bool = False  # guard.stalled has been logged once
+    first_loss: float | None = None  # the first finite batch loss (explode_factor's reference)
 
     @property
     def is_main(self) -> bool:
@@ -344,6 +345,14 @@ def prepare(
     )
     for group in optimizer.param_groups:  # the schedule multiplies this
         group["initial_lr"] = group["lr"]
+    trained_feedback = any(layer.rule.trainable_feedback for _, layer in feedback_layers(module))
+    if trained_feedback and config.weight_decay == 0 and (dist_info is None or dist_info.rank == 0):
+        log.warning(
+            "rule %r with weight_decay=0: B - W never shrinks (Kolen-Pollack aligns B with W "
+            "through the shared weight decay), so B stays as far from W as it started and the run "
+            "is feedback alignment with a trained B; set --weight-decay (e.g. 1e-4)",
+            config.rule,
+        )
     model = module
     if config.amp != "none":
         model = Autocast(model, device.type, _AMP_DTYPES[config.amp])
@@ -510,7 +519,7 @@ def _engaged_step(run: Run, epoch: int, inputs: Tensor, targets: Tensor) -> floa
     factor = run.schedule.factor(start, start + 1 / steps) if run.schedule is not None else 1.0
     for group in run.optimizer.param_groups:
         group["lr"] = group["initial_lr"] * factor * run.lr_scale
-    loss_fn = run.loss_fn if run.world_size == 1 else _SyncedLoss(run)
+    loss_fn = _GuardedLoss(run)
     try:
         if run.scaler is None:
             return train_step(run.model, run.optimizer, loss_fn, inputs, targets)
@@ -560,20 +569,34 @@ class _ScaledOptimizer:
         self.scaler.update()
 
 
-class _SyncedLoss:
-    """The loss function of one step under DDP: its first call tells every rank whether any
-    rank's loss is not finite, and makes theirs NaN too, so that all raise ``DivergenceError``
-    before ``backward`` (a rank left alone would wait forever in backward's all-reduce)."""
+class _GuardedLoss:
+    """The loss function of one step, checked at its first call (the batch loss) before any
+    weight changes: a loss above ``explode_factor`` times the run's first loss raises
+    ``DivergenceError`` as a NaN would; under DDP every rank learns whether any rank's loss is
+    not finite or exploding, and all raise together (a rank left alone would wait forever in
+    backward's all-reduce)."""
 
     def __init__(self, run: Run) -> None:
         self.run, self.first = run, True
 
     def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
         loss = self.run.loss_fn(outputs, targets)
-        if self.first:
-            self.first = False
-            if _any_rank(self.run, not bool(torch.isfinite(loss.detach()))):
-                loss = loss + math.nan
+        if not self.first:
+            return loss  # node perturbation's per-example calls
+        self.first = False
+        run = self.run
+        value = float(loss.detach())  # the sync train_step makes anyway
+        limit = run.config.explode_factor * (run.first_loss or math.inf)
+        exploding = math.isfinite(value) and abs(value) > limit
+        if math.isfinite(value) and run.first_loss is None and value > 0:
+            run.first_loss = value
+        if run.world_size > 1 and _any_rank(run, not math.isfinite(value) or exploding):
+            return loss + math.nan
+        if exploding:
+            raise DivergenceError(
+                f"loss {value:.3g} exceeds explode_factor={run.config.explode_factor:g} times "
+                f"the run's first loss {run.first_loss:.3g}"
+            )
         return loss
 
 
@@ -712,6 +735,7 @@ def save_checkpoint(run: Run, path: str | Path) -> None:
         "lr_scale": run.lr_scale,
         "divergence_skips": run.divergence_skips,
         "skipped_step": run.skipped_step,
+        "first_loss": run.first_loss,
         "rows": run.rows,
         "model": (model := run.module.state_dict()),
         "digest": tensor_digest(model),
@@ -751,6 +775,7 @@ def load_checkpoint(run: Run, path: str | Path) -> None:
     run.seconds, run.lr_scale = state["seconds"], state["lr_scale"]
     run.divergence_skips, run.rows = state["divergence_skips"], list(state["rows"])
     run.skipped_step = state["skipped_step"]
+    run.first_loss = state.get("first_loss")  # absent in checkpoints before explode_factor
     run.saved_step = run.step
 
 
