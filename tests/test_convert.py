@@ -219,7 +219,7 @@ def test_unknown_option_is_named() -> None:
             r"option 'scale' must be one of 'none', 'fan_in', 'norm'",
         ),
         ("fa", {"init": "zeros"}, TypeError, r"option 'init' must be one of 'uniform', 'normal'"),
-        ("rndf", {"std": 0.0}, ValueError, r"std=0.0 must be > 0"),
+        ("rndf", {"std": 0.0}, ValueError, r"std=0.0 is out of range: must be a finite number > 0"),
         ("fa", {"gain": True}, TypeError, r"option 'gain' must be float, got True"),
     ],
 )

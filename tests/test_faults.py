@@ -207,3 +207,47 @@ def test_kp_without_weight_decay_is_said_loudly(
     with caplog.at_level(logging.WARNING, logger="asymprop.harness.experiment"):
         _train(tmp_path / "kp1", "kp", "--weight-decay", "1e-4")
     assert "never shrinks" not in caplog.text
+
+
+# --- accepted but meaningless values --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rule", "option", "value"),
+    [
+        ("fa", "gain", "inf"),
+        ("kp", "gain", "nan"),
+        ("rndf", "std", "inf"),
+        ("wm", "noise_std", "inf"),
+        ("wm", "eta_b", "inf"),
+        ("wm", "mirror_steps", "0"),
+        ("np", "noise_std", "inf"),
+        ("np", "lr_b", "inf"),
+        ("dfa", "gain", "inf"),
+        ("matched", "lr_b", "inf"),
+    ],
+)
+def test_meaningless_rule_options_are_refused_with_the_range(
+    rule: str, option: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["train", "--rule", rule, "--rule-opt", f"{option}={value}", "--out", str(tmp_path)]
+    code, err = _run([*args, *SMALL], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"option {option}=" in err and ("finite" in err or ">= 1" in err), err
+
+
+def test_bad_config_files_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty, twice, latin = tmp_path / "empty.yaml", tmp_path / "twice.yaml", tmp_path / "l.yaml"
+    empty.write_text("")
+    twice.write_text("rule: fa\nepochs: 1\nrule: kp\n")
+    latin.write_bytes("rule: fa # caf\xe9\n".encode("latin-1"))
+    for path, message in [
+        (empty, f"config file {empty} is empty"),
+        (twice, "the key 'rule' is written twice"),
+        (latin, f"{latin} is not UTF-8 text"),
+        (tmp_path, "is a directory, not a YAML file"),
+    ]:
+        code, err = _run(["train", "--config", str(path), *SMALL], capsys)
+        assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    code, err = _run(["train", "--seed", str(2**40), *SMALL], capsys)
+    assert code == 2 and "seed must be in [0, 4294967295], got 1099511627776" in err

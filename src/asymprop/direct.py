@@ -75,7 +75,7 @@ import torch
 from torch import Tensor
 
 from .functional import _apply, _is_compiling
-from .rules import FeedbackRule, register_rule
+from .rules import FeedbackRule, check_positive, register_rule
 
 if TYPE_CHECKING:
     from .layers import FeedbackLayer
@@ -422,8 +422,7 @@ class DFA(FeedbackRule):
     scale: Literal["output", "input"] = "output"
 
     def validate(self) -> None:
-        if not self.gain > 0:
-            raise ValueError(f"rule 'dfa' option gain={self.gain!r} must be > 0")
+        check_positive(self, "gain")
 
     def init_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> None:
         init_lazy_feedback(layer, generator)

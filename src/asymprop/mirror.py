@@ -49,7 +49,15 @@ from torch import Tensor, nn
 
 from .convert import feedback_layers, unwrap
 from .layers import FeedbackLayer
-from .rules import FeedbackRule, Init, StepContext, _check_range, random_feedback, register_rule
+from .rules import (
+    FeedbackRule,
+    Init,
+    StepContext,
+    _check_range,
+    check_positive,
+    random_feedback,
+    register_rule,
+)
 
 __all__ = ["PAPER_OPTIONS", "WM", "mirror"]
 
@@ -155,29 +163,29 @@ class WM(FeedbackRule):
     gain: float = 1.0
 
     def validate(self) -> None:
-        if self.eta_b is not None and not self.eta_b > 0:
-            raise ValueError(f"rule {self.name!r} option eta_b={self.eta_b!r} must be > 0 or None")
+        check_positive(self, "eta_b", "noise_std", "gain")  # eta_b may be None
         if not 0 < self.decay <= 1:
             raise ValueError(
                 f"rule {self.name!r} option decay={self.decay!r} is out of range: must be in "
                 "(0, 1] (decay > 0 keeps B bounded)"
             )
-        if not self.noise_std > 0:
-            raise ValueError(f"rule {self.name!r} option noise_std={self.noise_std!r} must be > 0")
         if self.mirror_batch is not None and self.mirror_batch < 2:
             raise ValueError(
                 f"rule {self.name!r} option mirror_batch={self.mirror_batch!r} must be >= 2 "
                 "(batch means are subtracted) or None (chosen per layer: 2 fan_in pairs per weight)"
             )
-        _check_range(self, "mirror_steps", 0, float("inf"))
+        if self.mirror_steps < 1:
+            raise ValueError(
+                f"rule {self.name!r} option mirror_steps={self.mirror_steps!r} is out of range: "
+                "must be >= 1 (0 would never mirror after the warm-up, so B would go stale as W "
+                "learns; for a B that never changes use 'fa')"
+            )
         _check_range(self, "warmup_steps", 0, float("inf"))
         if self.baseline is not None and self.nonlinearity == "relu" and not self.baseline > 0:
             raise ValueError(
                 f"rule {self.name!r} option baseline={self.baseline!r} must be > 0 with "
                 "nonlinearity='relu' (the default bias b- = baseline needs phi'(b-) > 0)"
             )
-        if not self.gain > 0:
-            raise ValueError(f"rule {self.name!r} option gain={self.gain!r} must be > 0")
         tracking = 1 - (1 - self.decay) ** self.mirror_steps  # B's decay per engaged step
         if 0 < tracking < 0.5:
             logger.warning(

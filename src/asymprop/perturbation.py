@@ -79,7 +79,14 @@ from .direct import (
     init_lazy_feedback,
     resize_lazy_feedback,
 )
-from .rules import FeedbackRule, Init, StepContext, random_feedback, register_rule
+from .rules import (
+    FeedbackRule,
+    Init,
+    StepContext,
+    check_positive,
+    random_feedback,
+    register_rule,
+)
 from .train import DivergenceError
 
 if TYPE_CHECKING:
@@ -339,16 +346,15 @@ class RegressionRule(FeedbackRule):
     needs_train_step = True
 
     def validate(self) -> None:
-        if not self.gamma > 0:
-            raise ValueError(f"rule {self.name!r} option gamma={self.gamma!r} must be > 0")
-        if not self.lr_b >= 0:
-            raise ValueError(f"rule {self.name!r} option lr_b={self.lr_b!r} must be >= 0")
+        check_positive(self, "gamma", "gain")
+        if not (self.lr_b >= 0 and math.isfinite(self.lr_b)):
+            raise ValueError(
+                f"rule {self.name!r} option lr_b={self.lr_b!r} must be a finite number >= 0"
+            )
         if self.warmup_steps < 0:
             raise ValueError(
                 f"rule {self.name!r} option warmup_steps={self.warmup_steps!r} must be >= 0"
             )
-        if not self.gain > 0:
-            raise ValueError(f"rule {self.name!r} option gain={self.gain!r} must be > 0")
 
     # --- set-up -----------------------------------------------------------------------------
     def init_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> None:
@@ -603,8 +609,7 @@ class NodePerturbation(RegressionRule):
 
     def validate(self) -> None:
         super().validate()
-        if not self.noise_std > 0:
-            raise ValueError(f"rule 'np' option noise_std={self.noise_std!r} must be > 0")
+        check_positive(self, "noise_std")
 
     def targets(
         self, step: StepContext, record: _Record, learning: list[FeedbackLayer]
@@ -737,10 +742,11 @@ class Matched(FeedbackRule):
     gain: float = 1.0
 
     def validate(self) -> None:
-        if not self.lr_b >= 0:
-            raise ValueError(f"rule 'matched' option lr_b={self.lr_b!r} must be >= 0")
-        if not self.gain > 0:
-            raise ValueError(f"rule 'matched' option gain={self.gain!r} must be > 0")
+        if not (self.lr_b >= 0 and math.isfinite(self.lr_b)):
+            raise ValueError(
+                f"rule 'matched' option lr_b={self.lr_b!r} must be a finite number >= 0"
+            )
+        check_positive(self, "gain")
         if not 0 <= self.weight_decay < 1:
             raise ValueError(
                 f"rule 'matched' option weight_decay={self.weight_decay!r} is out of range: "

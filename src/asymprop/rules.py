@@ -223,6 +223,20 @@ def _describe(hint: Any) -> str:
     return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
+def check_positive(rule: FeedbackRule, *options: str) -> None:
+    """Each option is a finite number > 0 (``inf`` and NaN are refused: they pass ``> 0`` checks
+    and end in a diverged run); raise ``ValueError`` naming the option, its value and the range."""
+    for option in options:
+        value = getattr(rule, option)
+        if value is None:
+            continue
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(
+                f"rule {rule.name!r} option {option}={value!r} is out of range: must be a finite "
+                "number > 0"
+            )
+
+
 def _check_range(
     rule: FeedbackRule, option: str, low: float, high: float, *, open_high: bool = False
 ) -> None:
@@ -292,8 +306,7 @@ class FA(FeedbackRule):
     gain: float = 1.0
 
     def validate(self) -> None:
-        if not self.gain > 0:
-            raise ValueError(f"rule 'fa' option gain={self.gain!r} must be > 0")
+        check_positive(self, "gain")
 
     def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
         return random_feedback(layer, generator, self.init, self.gain)
@@ -337,8 +350,7 @@ class RndF(FeedbackRule):
     std: float = 0.05
 
     def validate(self) -> None:
-        if not self.std > 0:
-            raise ValueError(f"rule 'rndf' option std={self.std!r} must be > 0")
+        check_positive(self, "std")
 
     def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
         return torch.randn(layer.weight.shape, generator=generator) * self.std
@@ -541,8 +553,7 @@ class KP(FeedbackRule):
     gain: float = 1.0
 
     def validate(self) -> None:
-        if not self.gain > 0:
-            raise ValueError(f"rule 'kp' option gain={self.gain!r} must be > 0")
+        check_positive(self, "gain")
 
     def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
         return random_feedback(layer, generator, self.init, self.gain)

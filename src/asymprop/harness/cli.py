@@ -377,7 +377,12 @@ def _settings(args: argparse.Namespace, flags: Sequence[str]) -> dict[str, Any]:
     """File < flags < key=value overrides, as one flat dict of settings."""
     from .records import read_yaml
 
-    data: dict[str, Any] = read_yaml(_config_file(args.config)) if args.config else {}
+    data: dict[str, Any] = {}
+    if args.config:
+        path = _config_file(args.config)
+        data = read_yaml(path)
+        if not data:
+            raise _BadInputError(f"config file {path} is empty: it sets nothing")
     if "rule" in flags and "rules" in data:  # train with a comparison's file: one of its runs
         data = _one_run(data, args)
     for name in (*flags, *_FLAGS_SHARED):

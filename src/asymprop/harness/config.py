@@ -96,6 +96,10 @@ RESUMABLE = (
 """Settings that ``--resume`` may change: none of them changes what the next step computes."""
 
 
+SEED_MAX = 2**32 - 1
+"""The largest seed every generator a run seeds (torch, NumPy, Python) accepts."""
+
+
 class ConfigError(ValueError):
     """A setting is missing, unknown, of the wrong type or out of range (the message says which)."""
 
@@ -364,6 +368,8 @@ def check_config(config: RunConfig, world_size: int = 1) -> None:
     for name in ("workers", "seed", "mirror_warmup_epochs", "max_divergence_skips"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
+    if config.seed > SEED_MAX:  # NumPy's generator takes 32 bits
+        raise ConfigError(f"seed must be in [0, {SEED_MAX}], got {config.seed}")
     for name in ("epochs", "batch_size", "align_batch_size", "check_every_steps"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")

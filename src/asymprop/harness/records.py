@@ -158,15 +158,38 @@ def write_yaml(path: str | os.PathLike[str], data: Mapping[str, Any]) -> None:
         yaml.safe_dump(_plain(data), stream, sort_keys=False, default_flow_style=None)
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping (YAML's last-wins
+    would silently drop the first value)."""
+
+
+def _mapping(loader: _UniqueKeys, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the key {key!r} is written twice", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML mapping (an empty file is ``{}``).
+    """Read a YAML mapping (an empty file is ``{}``); a key written twice is refused.
 
     Raises:
-        ValueError: the file is not valid YAML or not a mapping (the message names the file).
+        ValueError: the file is not UTF-8 text, not valid YAML, repeats a key, or is not a
+            mapping (the message names the file).
     """
     try:
-        with Path(path).open() as stream:
-            data = yaml.safe_load(stream)
+        with Path(path).open(encoding="utf-8") as stream:
+            data = yaml.load(stream, Loader=_UniqueKeys)  # a SafeLoader: plain data only
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}): not a YAML file") from err
     except yaml.YAMLError as err:
         reason = " ".join(str(err).split())
         raise ValueError(f"{path} is not valid YAML: {reason}") from err
