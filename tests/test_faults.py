@@ -251,3 +251,26 @@ def test_bad_config_files_are_named(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert code == 2 and len(err.splitlines()) == 1 and message in err, err
     code, err = _run(["train", "--seed", str(2**40), *SMALL], capsys)
     assert code == 2 and "seed must be in [0, 4294967295], got 1099511627776" in err
+
+
+# --- bf16 autocast ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", ["wm", "np", "sg", "kp", "dfa"])
+def test_bf16_autocast_trains_a_cnn_with_every_learned_feedback(rule: str) -> None:
+    """Under CPU bf16 autocast the mirror's conv covariance runs, and np/sg's per-example losses
+    match the batch loss to bf16's rounding (they used to be refused at a 0.1% tolerance)."""
+    import math
+
+    import torch.nn.functional as F
+
+    import asymprop
+    from conftest import small_cnn
+
+    torch.manual_seed(0)
+    model = asymprop.convert(small_cnn(), rule, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = [asymprop.train_step(model, opt, F.cross_entropy, x, y) for _ in range(3)]
+    assert all(math.isfinite(v) for v in losses)
