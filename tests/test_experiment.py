@@ -236,14 +236,17 @@ def test_mean_se_and_summary() -> None:
     assert (mean, n) == (4.0, 1) and math.isnan(se)
     rows = [
         {"rule": "fa", "status": "ok", "test_accuracy": 0.9},
-        {"rule": "fa", "status": "diverged", "test_accuracy": math.nan},
+        # a run that diverged in epoch 1 keeps its epoch-0 numbers: they are no result
+        {"rule": "fa", "status": "diverged", "test_accuracy": 0.1, "failure": "at step 12 (x)"},
         {"rule": "bp", "status": "ok", "test_accuracy": 0.95},
     ]
     summary = summarize(rows, by=["rule"], metrics=["test_accuracy"])
     assert [s["rule"] for s in summary] == ["fa", "bp"]
     assert summary[0]["runs"] == 2 and summary[0]["failed"] == 1
+    assert summary[0]["test_accuracy"] == 0.9 and summary[0]["test_accuracy_n"] == 1
     table = summary_table(summary, ["rule"])
-    assert "| fa | 2 (1 failed) | 90.0 |" in table and "| bp | 1 | 95.0 |" in table
+    assert "| fa | 2 (1 diverged: at step 12 (x)) | 90.0 |" in table
+    assert "| bp | 1 | 95.0 |" in table
 
 
 def test_csv_round_trip_and_fixed_columns(tmp_path: Path) -> None:

@@ -274,3 +274,18 @@ def test_bf16_autocast_trains_a_cnn_with_every_learned_feedback(rule: str) -> No
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = [asymprop.train_step(model, opt, F.cross_entropy, x, y) for _ in range(3)]
     assert all(math.isfinite(v) for v in losses)
+
+
+def test_compare_shows_a_diverged_run_as_diverged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from asymprop.harness.records import read_csv
+
+    out = tmp_path / "cmp"
+    args = ["compare", "--rules", "fa", "--optimizer", "adam", "--lr", "1e6", "--out", str(out)]
+    assert main([*args, *SMALL]) == 0  # a comparison goes on past a diverged run
+    (row,) = read_csv(out / "results.csv")
+    assert row["status"] == "diverged" and "exceeds explode_factor" in row["failure"]
+    assert row["failure"].startswith("at step ")
+    summary = (out / "summary.md").read_text()
+    assert "1 (1 diverged: at step " in summary

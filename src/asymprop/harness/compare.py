@@ -261,8 +261,12 @@ def plan(
     return runs
 
 
-def result_row(config: RunConfig, rows: Sequence[Mapping[str, Any]], status: str) -> dict[str, Any]:
-    """The ``results.csv`` row of one run: final metrics and per-layer columns."""
+def result_row(
+    config: RunConfig, rows: Sequence[Mapping[str, Any]], status: str, failure: str = ""
+) -> dict[str, Any]:
+    """The ``results.csv`` row of one run: final metrics and per-layer columns; a run that is
+    not ``ok`` keeps its last finished epoch's numbers, and says in ``failure`` why and where
+    it stopped (summaries leave it out of the means)."""
     last = dict(rows[-1]) if rows else {}
     row: dict[str, Any] = {
         "rule": config.rule,
@@ -278,6 +282,7 @@ def result_row(config: RunConfig, rows: Sequence[Mapping[str, Any]], status: str
         "mean_delta_angle_deg": _mean_over_layers(last, "delta_angle_deg"),
         "seconds": sum(r.get("seconds", 0.0) for r in rows),
         "run_dir": config.run_dir.name,
+        "failure": failure,
     }
     for key, value in last.items():
         if key.split("/")[0] in LAYER_METRICS:
@@ -333,17 +338,24 @@ def compare(
             rows = train(
                 run_config, cache=cache, progress=counter, plots=False, dist_info=dist_info
             )
-            status = "ok"
+            status, failure = "ok", ""
         except DivergenceError as err:
             log.warning("%s diverged: %s", run_config.run_dir.name, err)
             rows, status = _rows_so_far(run_config), "diverged"
+            failure = _short(str(err))
         counter.update(start + steps - counter.n)  # a diverged run's remaining steps
-        results.append(result_row(run_config, rows, status))
+        results.append(result_row(run_config, rows, status, failure))
         curves.append((run_config, rows))
         if main:
             write_csv(out / "results.csv", results, RESULT_COLUMNS)
     table = _write_summary(out, results, curves) if main else ""
     return results, table
+
+
+def _short(message: str) -> str:
+    """``"at step 12 (epoch 1): loss is nan"`` from a divergence message (rule named already)."""
+    text = message.split(" diverged ", 1)[-1]
+    return text.split("; ")[0]
 
 
 class _Counter:

@@ -63,8 +63,10 @@ RESULT_COLUMNS = (
     "mean_delta_angle_deg",
     "seconds",
     "run_dir",
+    "failure",
 )
-"""The leading columns of ``results.csv`` (final values of each run; ``seconds`` in total)."""
+"""The leading columns of ``results.csv`` (final values of each run; ``seconds`` in total;
+``failure``: why a run that is not ``ok`` stopped, with its step)."""
 
 
 def layer_columns(layers: Iterable[str]) -> list[str]:
@@ -258,8 +260,9 @@ def summarize(
     """Group ``rows`` by the ``by`` columns (first-seen order) and take mean +- s.e. of ``metrics``.
 
     Each result row holds the ``by`` values, ``runs`` (rows in the group), ``failed`` (rows whose
-    ``status`` is not ``ok``), and per metric ``<metric>`` (mean), ``<metric>_se`` and
-    ``<metric>_n`` (finite values used).
+    ``status`` is not ``ok``), ``failure`` (the first one's reason, or ""), and per metric
+    ``<metric>`` (mean), ``<metric>_se`` and ``<metric>_n`` (finite values used). The metrics
+    are those of the runs that finished: a diverged run's last epoch is no result.
     """
     groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
     for row in rows:
@@ -268,9 +271,14 @@ def summarize(
     for key, members in groups.items():
         entry: dict[str, Any] = dict(zip(by, key, strict=True))
         entry["runs"] = len(members)
-        entry["failed"] = sum(1 for m in members if m.get("status", "ok") != "ok")
+        done = [m for m in members if m.get("status", "ok") == "ok"]
+        failed = [m for m in members if m.get("status", "ok") != "ok"]
+        entry["failed"] = len(failed)
+        entry["failure"] = (
+            str(failed[0].get("failure") or failed[0].get("status")) if failed else ""
+        )
         for metric in metrics:
-            mean, se, n = mean_se(m.get(metric, math.nan) for m in members)
+            mean, se, n = mean_se(m.get(metric, math.nan) for m in done)
             entry[metric], entry[f"{metric}_se"], entry[f"{metric}_n"] = mean, se, n
         summary.append(entry)
     return summary
@@ -310,7 +318,8 @@ def summary_table(summary: Sequence[Mapping[str, Any]], by: Sequence[str]) -> st
     for row in summary:
         runs = str(row["runs"])
         if row.get("failed"):
-            runs += f" ({row['failed']} failed)"
+            why = f": {row['failure']}" if row.get("failure") else ""
+            runs += f" ({row['failed']} diverged{why})"
         cells = [str(row[key]) for key in by] + [runs]
         cells += [
             format_mean_se(row[metric], row[f"{metric}_se"], digits, scale)
