@@ -226,7 +226,7 @@ def test_atomic_write_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
 
 KILL_ARGS = [
     "--rule", "kp", "--model-opt", "widths=[16]", "--train-size", "120", "--batch-size", "8",
-    "--epochs", "4", "--optimizer", "sgd", "--lr", "0.05", "--weight-decay", "1e-3",
+    "--epochs", "16", "--optimizer", "sgd", "--lr", "0.05", "--weight-decay", "1e-3",
     "--checkpoint-every", "1", "align_batch_size=32", "threads=1", "--quiet",
 ]  # fmt: skip
 
@@ -245,16 +245,29 @@ def mtime(path: Path) -> int | None:
     return path.stat().st_mtime_ns if path.exists() else None
 
 
+def checkpoint_step(out: Path) -> int | None:
+    """The step of the run's checkpoint (it is replaced atomically: always a whole file)."""
+    try:
+        return int(torch.load(out / CHECKPOINT, weights_only=True)["step"])
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return None
+
+
 def kill_at_random(
     process: subprocess.Popen[bytes], out: Path, rng: random.Random, before: int | None
 ) -> bool:
-    """SIGKILL ``process`` a random moment after it wrote its first checkpoint (the file's
-    modification time is no longer ``before``); False if it finished first."""
+    """SIGKILL ``process`` at a random moment once it has made progress: after it wrote a
+    checkpoint past step ``before`` plus 0-2 more steps (progress, not wall time, so the test
+    means the same on any machine); False if it finished first."""
+    target = (before or 0) + 1 + rng.randrange(3)
     deadline = time.monotonic() + 120
-    while mtime(out / CHECKPOINT) == before and process.poll() is None:
-        assert time.monotonic() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.02)
-    time.sleep(rng.uniform(0.0, 0.6))
+    while process.poll() is None:
+        assert time.monotonic() < deadline, f"no checkpoint past step {target} within 120 s"
+        step = checkpoint_step(out)
+        if step is not None and step >= target:
+            break
+        time.sleep(0.005)
+    time.sleep(rng.uniform(0.0, 0.003))  # anywhere in the next step or so, a write included
     if process.poll() is not None:
         return False
     process.send_signal(signal.SIGKILL)
@@ -271,45 +284,44 @@ def assert_loadable(out: Path) -> int:
     return run.step
 
 
-def reference_run(tmp_path: Path) -> Path:
+def reference_run(tmp_path: Path, epochs: int = 16) -> Path:
     """The run of ``KILL_ARGS`` never interrupted, in this process."""
     out = tmp_path / "reference"
-    train(tiny(out, "kp", batch_size=8, epochs=4, checkpoint_every_steps=1), plots=False)
+    train(tiny(out, "kp", batch_size=8, epochs=epochs, checkpoint_every_steps=1), plots=False)
     return out
 
 
 def test_sigkill_once_then_resume_completes_the_run(tmp_path: Path) -> None:
     """One subprocess killed at a random moment; resumed here (the fast version)."""
     out = tmp_path / "killed"
-    process = launch([*KILL_ARGS, "--out", str(out)])
+    process = launch([*KILL_ARGS, "--epochs", "4", "--out", str(out)])
     if kill_at_random(process, out, random.Random(1), None):
         assert_loadable(out)
         resume(out)
     else:  # it finished before the kill: nothing to resume
         assert process.returncode == 0
-    reference = reference_run(tmp_path)
+    reference = reference_run(tmp_path, epochs=4)
     assert_same_rows(reference, out)
     assert_same_state(reference, out)
 
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_completes_the_run(tmp_path: Path) -> None:
-    """Four kills of ``python -m asymprop train`` (the first run, then three resumed ones), each
-    a random moment after the process wrote a checkpoint; a last ``--resume`` finishes."""
+    """Twenty kills of ``python -m asymprop train`` (the first run, then resumed ones), each at
+    a random moment after the process made 1-3 steps of progress; a last ``--resume``
+    finishes, equal to a run never killed."""
     rng = random.Random(2)
     out = tmp_path / "killed"
     process = launch([*KILL_ARGS, "--out", str(out)])
     steps: list[int] = []
-    before = None
-    for _ in range(4):
-        if not kill_at_random(process, out, rng, before):
+    for _ in range(20):
+        if not kill_at_random(process, out, rng, steps[-1] if steps else None):
             break
         steps.append(assert_loadable(out))
-        before = mtime(out / CHECKPOINT)
         process = launch(["--resume", str(out), "--quiet"])
     _, err = process.communicate(timeout=300)
     assert process.returncode == 0, err.decode()
-    assert len(steps) >= 3 and steps == sorted(steps), steps  # resumed processes made progress
+    assert len(steps) == 20 and steps == sorted(steps), steps  # every kill after progress
     reference = reference_run(tmp_path)
     assert_same_rows(reference, out)
     assert_same_state(reference, out)
