@@ -289,3 +289,39 @@ def test_compare_shows_a_diverged_run_as_diverged(
     assert row["failure"].startswith("at step ")
     summary = (out / "summary.md").read_text()
     assert "1 (1 diverged: at step " in summary
+
+
+# --- fuzzed flags -------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+BAD_FLAGS = {
+    "--lr": ["-1", "0", "nan", "inf", "abc", "1e999"],
+    "--epochs": ["0", "-3", "1.5", "x"],
+    "--batch-size": ["0", "-1", "many"],
+    "--seed": ["-1", str(2**40), "seed"],
+    "--weight-decay": ["-0.1", "nan", "inf"],
+    "--rule": ["nope", "", "FA!"],
+    "--model": ["nope"],
+    "--data": ["nope"],
+    "--optimizer": ["nope"],
+    "--momentum": ["1.5", "-1"],
+    "--rule-opt": ["gain=inf", "nope=1", "gain", "=3"],
+    "--model-opt": ["widths=oops", "depth=3"],
+}
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(flag=st.sampled_from(sorted(BAD_FLAGS)), data=st.data())
+def test_fuzzed_bad_flags_are_one_line_exit_2(
+    flag: str, data: st.DataObject, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    value = data.draw(st.sampled_from(BAD_FLAGS[flag]))
+    out = tmp_path / f"fuzz-{abs(hash((flag, value)))}"
+    code, err = _run(["train", *SMALL, flag, value, "--out", str(out)], capsys)  # value wins
+    assert code == 2, (flag, value, err)
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists()  # refused before any work
