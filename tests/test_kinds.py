@@ -560,3 +560,23 @@ def test_checkpoints_of_0_1_0_load_and_continue_exactly(rule: str) -> None:
             assert torch.equal(value, expected), key
         else:
             assert value == expected, key
+
+
+@pytest.mark.parametrize("rule", _rules())
+def test_no_rule_but_bp_is_secretly_backprop(rule: str) -> None:
+    """The first layer's weight gradient (its error came through every feedback path above)
+    differs from autograd's for every rule but bp, and equals it for bp."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                          nn.Linear(16, 5)).double()  # fmt: skip
+    model = convert(copy.deepcopy(plain), rule, seed=0)
+    x, y = _data((12,), n=16, dtype=f64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: W stays plain's
+    train_step(model, opt, CE, x, y)  # rules that need the step's hooks (np, wm's warm-up)
+    CE(plain(x), y).backward()
+    ours, exact = model[0].weight.grad, plain[0].weight.grad
+    assert ours is not None and exact is not None
+    if rule == "bp":
+        torch.testing.assert_close(ours, exact)
+    else:
+        assert not torch.allclose(ours, exact, rtol=1e-3, atol=1e-8), rule

