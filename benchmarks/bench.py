@@ -306,7 +306,7 @@ def _target_text(spec: str) -> str:
         return f"<= {FIXED_TARGETS[spec]}"
     if spec == "kp":
         return "<= 1.05 + optimizer allowance (below)"
-    if rule in ("wm", "wm-paper"):
+    if rule == "wm":
         return "<= 1.1 x cost model (below)"
     return ""
 
@@ -583,7 +583,7 @@ def run_model(
         result.kp = kp_allowance(work, max(5, args.rounds // 2))
     share = None
     for spec in timing.times:
-        if spec.split(":")[0] in ("wm", "wm-paper"):
+        if spec.split(":")[0] == "wm":
             result.mirror[spec] = mirror_cost_model(work, spec, share)
             share = result.mirror[spec].layer_share
     if args.rss:

@@ -21,8 +21,7 @@ rule so that only the rule differs:
   busy cores.
 
 Rule-specific settings go in ``rule_options`` and apply only when that rule is in the
-comparison; the main job sets none except for presets whose paper settings are sized for
-ImageNet (see :data:`MAIN_JOB_RULE_OPTIONS`). ``rule_settings`` overrides shared run settings
+comparison; the main job sets none (:data:`MAIN_JOB_RULE_OPTIONS`). ``rule_settings`` overrides shared run settings
 for one rule (sign symmetry's learning rate 0.5, weight mirrors' two mirror-only epochs and later
 warm-up in 000 App. D.1-D.2: see the packaged config ``imagenet-resnet18``).
 
@@ -92,11 +91,8 @@ MAIN_JOB_SETTINGS: dict[str, Any] = {
 }
 """Shared run settings of the main job (defaults of every comparison)."""
 MAIN_JOB_MODEL_OPTIONS: dict[str, dict[str, Any]] = {"mlp": {"widths": [128, 128]}}
-MAIN_JOB_RULE_OPTIONS: dict[str, dict[str, Any]] = {
-    # The paper preset mirrors 2048-example noise batches and warms B up for 1250 steps (two
-    # ImageNet epochs): half a minute on digits. The same rule at a digits-sized scale.
-    "wm-paper": {"mirror_batch": 256, "warmup_steps": 200},
-}
+MAIN_JOB_RULE_OPTIONS: dict[str, dict[str, Any]] = {}
+"""Per-rule options of the main job (none: every rule runs with its defaults)."""
 
 
 def _registered(options: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:

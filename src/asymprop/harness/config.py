@@ -409,7 +409,7 @@ def check_config(config: RunConfig, world_size: int = 1) -> None:
     rule = make_rule(config.rule, **config.rule_options)  # unknown/ill-typed/out-of-range options
     if config.mirror_warmup_epochs and not isinstance(rule, WM):
         raise ConfigError(
-            f"mirror_warmup_epochs is for weight-mirror rules (wm, wm-paper), not {config.rule!r}"
+            f"mirror_warmup_epochs is for the weight-mirror rule (wm), not {config.rule!r}"
         )
     if config.mirror_warmup_epochs > config.epochs:
         raise ConfigError(
