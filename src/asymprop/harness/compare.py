@@ -21,9 +21,10 @@ rule so that only the rule differs:
   busy cores.
 
 Rule-specific settings go in ``rule_options`` and apply only when that rule is in the
-comparison; the main job sets none (:data:`MAIN_JOB_RULE_OPTIONS`). ``rule_settings`` overrides shared run settings
-for one rule (sign symmetry's learning rate 0.5, weight mirrors' two mirror-only epochs and later
-warm-up in 000 App. D.1-D.2: see the packaged config ``imagenet-resnet18``).
+comparison; the main job sets none (:data:`MAIN_JOB_RULE_OPTIONS`). ``rule_settings``
+overrides shared run settings for one rule (sign symmetry's learning rate 0.5, weight mirrors'
+two mirror-only epochs and later warm-up in 000 App. D.1-D.2: see the packaged config
+``imagenet-resnet18``).
 
 Under ``torchrun`` every run of the comparison is a data-parallel run on all processes, one
 after another; only rank 0 writes files.
