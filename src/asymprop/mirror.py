@@ -64,6 +64,7 @@ __all__ = ["PAPER_OPTIONS", "WM", "mirror"]
 logger = logging.getLogger(__name__)
 
 Nonlinearity = Literal["relu", "identity"]
+Drive = Literal["gaussian", "orthogonal"]
 Schedule = Literal["layerwise", "alternate"]
 
 PAIRS_PER_FAN_IN = 2.0
@@ -139,6 +140,20 @@ class WM(FeedbackRule):
             instead of the batch means. The mean slope of ReLU is then
             ``Phi(beta / (noise_std |w_i|))`` for output unit i (so row i of B -> k_i w_i);
             ``eta_b=None`` assumes the linearised slope ``phi'(b-) = 1``.
+        drive: the mirror noise. ``"gaussian"`` (the paper's): i.i.d. N(0, noise_std^2).
+            ``"orthogonal"``: antithetic pairs of scaled rows of random orthogonal matrices, for
+            layers whose op is a matrix product on the input's last dimension (Linear,
+            attention and recurrent weights, Conv1D); convolutions and the bilinear product keep
+            the Gaussian drive. Example ``n`` and ``n + N/2`` are opposite (``x`` and ``-x``),
+            so ``x relu(Wx)^T + (-x) relu(-Wx)^T = x (Wx)^T`` cancels the rectifier's even part
+            and every position's batch mean is zero; the rows of one orthogonal block satisfy
+            ``sum x x^T = fan_in noise_std^2 I``. With one block per ``fan_in`` rows (the
+            default batch, ``2 fan_in`` examples, is exactly one), one mirror step gives
+            ``cov = noise_std^2 slope W``: no sampling noise, so B's angle to a fixed W is float
+            rounding instead of the 25-degree plateau. Biology: a pair of opposite drives
+            reads as the ON and OFF channels of one input (a unit and its mirror-image
+            partner); an orthogonal set of patterns across a batch has no such reading (it is
+            an experimental design, not a plausible noise source).
         init, gain: the initial random B, as for ``fa``.
 
     Example:
@@ -159,6 +174,7 @@ class WM(FeedbackRule):
     nonlinearity: Nonlinearity = "relu"
     schedule: Schedule = "layerwise"
     baseline: float | None = None
+    drive: Drive = "gaussian"
     init: Init = "uniform"
     gain: float = 1.0
 
@@ -185,6 +201,11 @@ class WM(FeedbackRule):
             raise ValueError(
                 f"rule {self.name!r} option baseline={self.baseline!r} must be > 0 with "
                 "nonlinearity='relu' (the default bias b- = baseline needs phi'(b-) > 0)"
+            )
+        if self.drive == "orthogonal" and self.baseline is not None:
+            raise ValueError(
+                f"rule {self.name!r} option drive='orthogonal' needs baseline=None: the "
+                "antithetic identity holds for a drive around zero, not around a baseline"
             )
         tracking = 1 - (1 - self.decay) ** self.mirror_steps  # B's decay per engaged step
         if 0 < tracking < 0.5:
@@ -298,7 +319,11 @@ class WM(FeedbackRule):
         weight = layer.weight.detach()
         shape = self.noise_shape(layer)
         generator = layer.feedback_generator(weight.device)
-        x = torch.randn(shape, generator=generator, device=weight.device, dtype=weight.dtype)
+        orthogonal = self._orthogonal(layer)
+        if orthogonal:
+            x = _orthogonal_pairs(shape, generator, weight)
+        else:
+            x = torch.randn(shape, generator=generator, device=weight.device, dtype=weight.dtype)
         if self.noise_std != 1.0:
             x.mul_(self.noise_std)  # y_l - beta: the baseline cancels on the input side
         drive = layer.weight_op(x, weight)  # (N, *out_shape): the layer's op, bias blocked
@@ -311,7 +336,8 @@ class WM(FeedbackRule):
             # batch mean cancels from sum_n (out_n - mean) (x_n - mean) exactly (one pass less
             # over the largest tensor).
             out.sub_(out.mean(0, keepdim=True))
-            samples = shape[0] - 1
+            # the antithetic design's batch mean is exactly zero: no degree of freedom is lost
+            samples = shape[0] if orthogonal else shape[0] - 1
         else:
             out.sub_(self.baseline)
             samples = shape[0]
@@ -323,6 +349,10 @@ class WM(FeedbackRule):
         covariance = total.div_(_pairs(layer, shape).clamp_min(1).mul(samples))
         feedback = layer.feedback_weight
         feedback.mul_(1 - self.decay).add_(covariance.to(feedback.dtype), alpha=self.hebbian_rate)
+
+    def _orthogonal(self, layer: FeedbackLayer) -> bool:
+        """This layer gets the orthogonal drive (the option, and a matrix kind)."""
+        return self.drive == "orthogonal" and layer.feedback_matrix() is not None
 
     def noise_shape(self, layer: FeedbackLayer) -> list[int]:
         """The mirror batch's shape: the last input's shape with ``mirror_batch`` examples.
@@ -347,10 +377,31 @@ class WM(FeedbackRule):
         else:
             pairs = PAIRS_PER_FAN_IN * layer.fan_in
             shape[0] = max(2, math.ceil(pairs / _positions(layer, shape)))
+        if self._orthogonal(layer) and shape[0] % 2:
+            shape[0] += 1  # antithetic pairs
         return shape
 
     def _needs_shape(self, layer: FeedbackLayer) -> bool:
         return "input_shape" not in layer.feedback_state and layer.default_input_shape() is None
+
+
+def _orthogonal_pairs(shape: Sequence[int], generator: torch.Generator, like: Tensor) -> Tensor:
+    """The orthogonal drive: ``(N, ..., n_in)`` whose examples ``n`` and ``n + N/2`` are opposite
+    and whose first-half rows (all positions) are rows of Haar-random orthogonal ``n_in x n_in``
+    matrices scaled by ``sqrt(n_in)`` (unit variance per entry, as the Gaussian drive)."""
+    half, n_in = shape[0] // 2, shape[-1]
+    rows = half * math.prod(shape[1:-1])
+    # the QR in the weights' precision (float32 halves its cost), never below float32
+    dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+    blocks, drawn = [], 0
+    while drawn < rows:
+        gaussian = torch.randn((n_in, n_in), generator=generator, device=like.device, dtype=dtype)
+        q, r = torch.linalg.qr(gaussian)
+        blocks.append(q * torch.sign(torch.diagonal(r)))  # Haar: signs of R's diagonal
+        drawn += n_in
+    x = torch.cat(blocks)[:rows].mul_(math.sqrt(n_in)).to(like.dtype)
+    x = x.reshape(half, *shape[1:])
+    return torch.cat([x, -x])
 
 
 def _pairs(layer: FeedbackLayer, shape: Sequence[int]) -> Tensor:
