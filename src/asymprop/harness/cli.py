@@ -279,7 +279,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help="run rules x models x datasets x seeds and summarise (no arguments: the main job)",
         description="Run the product of rules, models, datasets and seeds one after another; "
         "writes results.csv, summary.md, accuracy.png, loss.png and alignment.png to --out "
-        "(default runs/compare, replaced) and one run directory per run under OUT/runs. With "
+        "(default runs/compare; one that holds results needs --overwrite) and one run directory "
+        "per run under OUT/runs. With "
         "no arguments: every registered rule on digits with a 64-128-128-10 MLP, Adam lr 1e-3, "
         "10 epochs, seed 0.",
     )
