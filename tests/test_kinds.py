@@ -580,3 +580,12 @@ def test_no_rule_but_bp_is_secretly_backprop(rule: str) -> None:
         torch.testing.assert_close(ours, exact)
     else:
         assert not torch.allclose(ours, exact, rtol=1e-3, atol=1e-8), rule
+
+
+def test_a_reconversion_forgets_the_earlier_exclusions() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    convert(model, "fa", exclude=["0"])
+    assert asymprop.audit(model) == {"0.weight": "excluded by pattern '0'"}
+    asymprop.revert(model)
+    convert(model, "fa", exclude=["1"])
+    assert asymprop.audit(model) == {"1.weight": "excluded by pattern '1'"}

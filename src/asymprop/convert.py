@@ -116,6 +116,8 @@ def convert(
             "has a feedback rule); call asymprop.revert(model) first to change the rule"
         )
 
+    for old in module.modules():  # marks of an earlier conversion (audit's reasons) go
+        old.__dict__.pop("_asymprop_excluded", None)
     converted: dict[int, nn.Module] = {}  # id(original) -> its replacement (weight sharing)
     layers = 0
 
