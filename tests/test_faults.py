@@ -325,3 +325,16 @@ def test_fuzzed_bad_flags_are_one_line_exit_2(
     assert code == 2, (flag, value, err)
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert not out.exists()  # refused before any work
+
+
+def test_files_are_written_with_the_users_umask(tmp_path: Path) -> None:
+    """Atomic writes go through mkstemp (0600); the files get the mode the umask gives."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        _train(tmp_path / "run")
+    finally:
+        os.umask(old)
+    for name in ("checkpoint.pt", "metrics.csv", "config.yaml"):
+        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o644, name

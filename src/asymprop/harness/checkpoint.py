@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .folders import user_mode
+
 __all__ = [
     "CheckpointError",
     "capture_rng",
@@ -87,6 +89,7 @@ def write_atomic(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f"{TEMP_PREFIX}{target.name}.")
+    user_mode(fd)
     try:
         with os.fdopen(fd, "wb") as stream:
             torch.save(state, stream)

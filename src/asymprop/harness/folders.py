@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["LIBRARY_FILES", "LOCK", "FolderError", "claim", "library_files"]
+__all__ = ["LIBRARY_FILES", "LOCK", "FolderError", "claim", "library_files", "user_mode"]
 
 LOCK = ".asymprop.lock"
 #: what asymprop writes into a run or comparison folder (and all ``--overwrite`` removes)
@@ -35,6 +35,14 @@ LIBRARY_FILES = (
     "alignment.png",
 )
 LIBRARY_DIRS = ("runs", "tensorboard")
+
+
+def user_mode(fd: int) -> None:
+    """Give a file made by ``tempfile.mkstemp`` (mode 0600) the mode the user's umask gives
+    any new file (0644 under the usual 022), before it is renamed into place."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)
 
 
 class FolderError(ValueError):

@@ -26,6 +26,8 @@ from typing import IO, Any
 
 import yaml
 
+from .folders import user_mode
+
 __all__ = [
     "LAYER_METRICS",
     "METRIC_COLUMNS",
@@ -217,6 +219,7 @@ def _atomic(path: str | os.PathLike[str]) -> Iterator[IO[str]]:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    user_mode(fd)
     try:
         with os.fdopen(fd, "w", newline="") as stream:
             yield stream
