@@ -32,8 +32,9 @@ from .layers import (
     FeedbackLayer,
     FeedbackLinear,
     LinearSite,
-    make_plain_layer,
+    plain_copy,
     register_layer,
+    take_over,
 )
 
 __all__ = ["FeedbackMultiheadAttention", "convert_attention"]
@@ -325,23 +326,16 @@ class FeedbackMultiheadAttention(FeedbackContainer, nn.MultiheadAttention):
 
     def to_plain(self) -> nn.MultiheadAttention:
         """The ``nn.MultiheadAttention`` with the same Parameters (feedback state dropped)."""
-        plain = nn.MultiheadAttention.__new__(nn.MultiheadAttention)
-        state = {k: (v.copy() if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
-        state.pop("excluded_sites", None)
-        modules = state["_modules"]
+        plain = take_over(self, nn.MultiheadAttention, drop=("excluded_sites",))
+        modules = plain._modules
         for name in ("in_proj", *_SEPARATE):
             modules.pop(name, None)
         out_proj = modules["out_proj"]
         if isinstance(out_proj, FeedbackLayer):
-            linear = make_plain_layer(out_proj)
-            modules["out_proj"] = NonDynamicallyQuantizableLinear.__new__(
-                NonDynamicallyQuantizableLinear
-            )
-            modules["out_proj"].__dict__.update(linear.__dict__)
-        hooks = state["_forward_pre_hooks"]
+            modules["out_proj"] = plain_copy(out_proj, NonDynamicallyQuantizableLinear)
+        hooks = plain._forward_pre_hooks
         for key in [k for k, hook in hooks.items() if hook is _stay_off_fused_kernels]:
             del hooks[key]
-        plain.__dict__.update(state)
         return plain
 
 
@@ -381,10 +375,7 @@ def convert_attention(
     """
     if not isinstance(module, nn.MultiheadAttention):
         raise TypeError(f"convert_attention expects nn.MultiheadAttention, got {type(module)}")
-    new = FeedbackMultiheadAttention.__new__(FeedbackMultiheadAttention)
-    new.__dict__.update(
-        {k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
-    )
+    new = take_over(module, FeedbackMultiheadAttention)
     new.excluded_sites = {}
     E = module.embed_dim
     if module._qkv_same_embed_dim:
@@ -404,10 +395,7 @@ def convert_attention(
 
     out_proj = module.out_proj
     if type(out_proj) in (nn.Linear, NonDynamicallyQuantizableLinear):  # else left to audit
-        layer = FeedbackLinear.__new__(FeedbackLinear)
-        layer.__dict__.update(
-            {k: (v.copy() if isinstance(v, dict) else v) for k, v in out_proj.__dict__.items()}
-        )
+        layer = take_over(out_proj, FeedbackLinear)
         if make_site("out_proj", layer):
             new._modules["out_proj"] = layer
             converted += 1

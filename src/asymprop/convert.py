@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from .layers import (
+    _CONTAINERS,
+    _FEEDBACK_TYPES,
     FeedbackContainer,
     FeedbackLayer,
     attach_rule,
@@ -189,7 +191,7 @@ def convert(
             f"convert(strict=True): {len(failures)} weight(s) left on exact backprop: "
             f"{_listing(failures)}"
         )
-    feedback = sum(1 for _ in _unique_feedback_weights(result))
+    feedback = len(feedback_layers(result))  # a shared layer once
     summary = (
         f"asymprop.convert: {layers} layer(s), {feedback} weight(s) carry feedback; "
         f"left on backprop: {_listing(left) if left else 'none'}"
@@ -208,21 +210,11 @@ def _listing(left: dict[str, str]) -> str:
 
 
 def _kinds() -> str:
-    from .layers import _CONTAINERS, _FEEDBACK_TYPES
-
     names = [
         f"nn.{t.__name__}" if t.__module__.startswith("torch") else t.__name__
         for t in (*_FEEDBACK_TYPES, *_CONTAINERS)
     ]
     return ", ".join(names)
-
-
-def _unique_feedback_weights(model: nn.Module) -> Iterator[FeedbackLayer]:
-    seen: set[int] = set()
-    for _, layer in feedback_layers(model):
-        if id(layer) not in seen:
-            seen.add(id(layer))
-            yield layer
 
 
 #: Module types whose ≥2-D parameters carry no weight transport: no error flows to an
@@ -281,10 +273,8 @@ def audit(model: nn.Module) -> dict[str, str]:
 def _reason(module: nn.Module, param_name: str, param: Tensor) -> str | None:
     if isinstance(module, _NO_INPUT_ERROR):
         return None
-    if is_feedback_layer(module):
+    if is_feedback_layer(module):  # its weight is covered or on bp (audit): a KP B, or another
         layer: Any = module
-        if param is layer.weight and layer.rule.name == "bp":
-            return "rule 'bp' (exact backprop by choice)"
         if param is layer.feedback_weight:
             return None
         return f"{type(module).__name__} has a second weight {param_name!r} without feedback"
@@ -297,9 +287,7 @@ def _reason(module: nn.Module, param_name: str, param: Tensor) -> str | None:
     mark = getattr(module, "_asymprop_excluded", None)
     if mark is not None:
         return str(mark)
-    if feedback_type(module) is not None:
-        return f"{type(module).__name__} not converted (call asymprop.convert)"
-    if container_converter(module) is not None:
+    if feedback_type(module) is not None or container_converter(module) is not None:
         return f"{type(module).__name__} not converted (call asymprop.convert)"
     registered = _registered_base(module)
     if registered is not None:
@@ -318,8 +306,6 @@ def _reason(module: nn.Module, param_name: str, param: Tensor) -> str | None:
 
 
 def _registered_base(module: nn.Module) -> str | None:
-    from .layers import _CONTAINERS, _FEEDBACK_TYPES
-
     for base in (*_FEEDBACK_TYPES, *_CONTAINERS):
         if isinstance(module, base) and not is_feedback_layer(module):
             return base.__name__

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -657,21 +657,15 @@ class FeedbackBilinear(FeedbackContainer, nn.Bilinear):
         return self.product(torch.cat([input1, input2], -1))  # (..., in1 + in2) -> (..., out)
 
     def to_plain(self) -> nn.Module:
-        module = nn.Bilinear.__new__(nn.Bilinear)
-        state = {k: (v.copy() if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
-        state["_modules"].pop("product", None)
-        state.pop("excluded_sites", None)
-        module.__dict__.update(state)
+        module = take_over(self, nn.Bilinear, drop=("excluded_sites",))
+        module._modules.pop("product", None)
         return module
 
 
 def _convert_bilinear(
     module: nn.Module, make_site: Callable[[str, FeedbackLayer], bool]
 ) -> nn.Module:
-    new = FeedbackBilinear.__new__(FeedbackBilinear)
-    new.__dict__.update(
-        {k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
-    )
+    new = take_over(module, FeedbackBilinear)
     new.excluded_sites = {}
     site = BilinearSite(new)
     if not make_site("product", site):
@@ -784,6 +778,26 @@ def container_converter(module: nn.Module) -> Converter | None:
     return _CONTAINERS.get(type(module))
 
 
+M = TypeVar("M", bound=nn.Module)
+
+
+def take_over(module: nn.Module, cls: type[M], *, drop: Iterable[str] = ()) -> M:
+    """A new ``cls`` holding ``module``'s whole state but the keys in ``drop``: the same Parameter
+    objects (an optimizer keeps working, ``state_dict`` keys stay), hooks, training flag and
+    attributes. Its containers (the dicts of parameters, buffers, modules and hooks; torch's
+    weight lists) are copied, so ``module`` is left as it was."""
+    new = cls.__new__(cls)
+    skip = set(drop)
+    new.__dict__.update(
+        {
+            key: (value.copy() if isinstance(value, dict | list) else value)
+            for key, value in module.__dict__.items()
+            if key not in skip
+        }
+    )
+    return new
+
+
 def is_feedback_layer(module: nn.Module) -> bool:
     """True for the layers ``convert`` creates."""
     return isinstance(module, FeedbackLayer)
@@ -801,12 +815,7 @@ def make_feedback_layer(module: nn.Module, rule: FeedbackRule) -> FeedbackLayer:
             f"cannot convert {type(module).__name__}: not a registered layer kind "
             "(asymprop.register_layer)"
         )
-    layer = cls.__new__(cls)
-    # Take the module's whole state: the same Parameter objects (the optimizer keeps working),
-    # hooks, training flag, attributes. The dicts are copied so the old module is left as it was.
-    layer.__dict__.update(
-        {k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
-    )
+    layer = take_over(module, cls)
     layer._init_feedback_layer(rule)
     return layer
 
@@ -820,11 +829,15 @@ def attach_rule(layer: FeedbackLayer, rule: FeedbackRule) -> FeedbackLayer:
 def make_plain_layer(layer: FeedbackLayer) -> nn.Module:
     """Undo ``make_feedback_layer``: the torch layer with the same Parameter objects."""
     base = next(t for t, c in _FEEDBACK_TYPES.items() if type(layer) is c)
-    module = base.__new__(base)
-    state = {k: (v.copy() if isinstance(v, dict) else v) for k, v in layer.__dict__.items()}
-    for key in ("rule", "feedback_state", "_exact_backprop", "_call_output_padding"):
-        state.pop(key, None)
-    state["_parameters"].pop("feedback_weight", None)
-    state["_buffers"] = {k: v for k, v in state["_buffers"].items() if not k.startswith("feedback")}
-    module.__dict__.update(state)
+    return plain_copy(layer, base)
+
+
+def plain_copy(layer: FeedbackLayer, base: type[M]) -> M:
+    """``take_over`` into ``base`` without the feedback state (B, rule, feedback buffers)."""
+    module = take_over(
+        layer, base, drop=("rule", "feedback_state", "_exact_backprop", "_call_output_padding")
+    )
+    module._parameters.pop("feedback_weight", None)
+    for name in [k for k in module._buffers if k.startswith("feedback")]:
+        del module._buffers[name]
     return module

@@ -80,7 +80,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .functional import _apply, _is_compiling
-from .layers import FeedbackContainer, FeedbackLayer, LinearSite, register_layer
+from .layers import FeedbackContainer, FeedbackLayer, LinearSite, register_layer, take_over
 from .rules import FeedbackRule
 
 __all__ = ["FeedbackGRU", "FeedbackLSTM", "FeedbackRNN", "convert_recurrent"]
@@ -574,18 +574,10 @@ class _FeedbackRecurrent(FeedbackContainer):
 
     def to_plain(self) -> nn.Module:
         """The torch module with the same Parameters (``asymprop.revert``)."""
-        module = self._plain.__new__(self._plain)
-        state = {k: _copy(v) for k, v in self.__dict__.items() if k != "excluded_sites"}
-        state["_modules"] = {
-            k: m for k, m in state["_modules"].items() if not isinstance(m, LinearSite)
-        }
-        module.__dict__.update(state)
+        module = take_over(self, self._plain, drop=("excluded_sites",))
+        for name in [k for k, m in module._modules.items() if isinstance(m, LinearSite)]:
+            del module._modules[name]
         return module
-
-
-def _copy(value: Any) -> Any:
-    """Containers of a module's ``__dict__`` copied (two modules never share one), else as is."""
-    return value.copy() if isinstance(value, dict | list) else value
 
 
 class FeedbackRNN(_FeedbackRecurrent, nn.RNN):  # type: ignore[misc]
@@ -640,12 +632,7 @@ def convert_recurrent(
         )
         return module
     cls = _FEEDBACK_CLASSES[type(module)]
-    new = cls.__new__(cls)
-    # The same Parameter objects, hooks, flags and torch's weight lists; containers copied so
-    # the original module is left as it was.
-    new.__dict__.update(
-        {k: _copy(v) for k, v in module.__dict__.items() if k != "_asymprop_excluded"}
-    )
+    new = take_over(module, cls, drop=("_asymprop_excluded",))  # torch's weight lists copied too
     new.excluded_sites = {}
     converted = 0
     for layer in range(module.num_layers):
@@ -658,8 +645,6 @@ def convert_recurrent(
                 if make_site(name, site):
                     new.add_module(name, site)
                     converted += 1
-                    if site.rule.name == "bp":  # audit reads a container's weights on it
-                        new.excluded_sites[weight_name] = "rule 'bp' (exact backprop by choice)"
                 else:
                     new.excluded_sites[weight_name] = str(site._asymprop_excluded)
     if not converted:  # audit reads a plain module's reason on the module
