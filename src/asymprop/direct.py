@@ -132,10 +132,6 @@ class _Call:
     order: int = field(default_factory=lambda: next(_CALLS))  # global call order
     consumed: bool = False  # its output reaches another converted layer's input
 
-    @property
-    def chain(self) -> DirectGraph:
-        return self.graph.root()
-
 
 class _DirectError(torch.autograd.Function):
     """Identity on the layer's output; in the backward pass it sends ``e @ B`` to the input."""

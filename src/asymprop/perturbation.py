@@ -72,7 +72,7 @@ from torch import Tensor, nn
 
 from .convert import exact_backprop, unwrap
 from .direct import (
-    DirectChain,
+    DirectGraph,
     _per_position,
     direct_forward,
     draw_direct_feedback,
@@ -192,7 +192,7 @@ class _Seen:
 
     input_shapes: list[torch.Size]
     learns: bool  # its input error is needed (an input requires grad): B is used and fitted
-    chain: DirectChain | None
+    chain: DirectGraph | None
     errors: list[Tensor | None]  # dL/dy at the layer's output per call, from the clean backward
     # per call: its input carries a gradient, so the call is perturbed and fitted (a recurrent
     # layer's first call reads the initial state, which does not)
@@ -217,7 +217,7 @@ class _Record:
     calls: dict[FeedbackLayer, _Seen] = field(default_factory=dict)  # in call order
 
     def add(
-        self, layer: FeedbackLayer, input: Tensor, output: Tensor, chain: DirectChain | None
+        self, layer: FeedbackLayer, input: Tensor, output: Tensor, chain: DirectGraph | None
     ) -> None:
         seen = self.calls.get(layer)
         if seen is None:
@@ -393,7 +393,7 @@ class RegressionRule(FeedbackRule):
         noisy = _NOISY.get()
         if noisy is not None:  # the noisy pass of a train_step: no graph, no recording
             return noisy.forward(layer, input)
-        chain: DirectChain | None = None
+        chain: DirectGraph | None = None
         if self.shape == "dfa":
             output, chain = direct_forward(layer, input, self._draw_direct)
         else:
