@@ -25,14 +25,15 @@ is fixed (seed 0), so all seeds are scored on the same test set.
 (``asymprop.harness.checkpoint``) after every epoch, every ``checkpoint_every_steps`` steps, and
 when SIGINT/SIGTERM stop the run (:class:`~asymprop.harness.guard.StopSignals`). It holds all
 the rest of the run depends on: the model's ``state_dict`` (weights, feedback weights and rule
-state), optimizer and grad-scaler state, the
-random states, the position (epoch, step, batch within the epoch, the epoch's loss so far), the
-learning-rate scale and the ``metrics.csv`` rows so far. The learning-rate schedule is a pure
+state) with a SHA-256 digest of its tensors (checked on load), optimizer and grad-scaler state,
+the random states, the position (epoch, step, batch within the epoch, the epoch's loss so far),
+the learning-rate scale and the ``metrics.csv`` rows so far. The learning-rate schedule is a pure
 function of the position and the data order of ``(seed, epoch)``, so nothing else is needed:
 :func:`load_checkpoint` into a freshly prepared run and :func:`train` continues exactly (same
 rows but ``seconds``, same weights, bit for bit on CPU with the same thread count).
 
-**Divergence.** ``train_step`` refuses a non-finite loss before touching the weights; every
+**Divergence.** ``train_step`` refuses a non-finite loss, or one above ``explode_factor``
+times the run's first loss, before touching the weights; every
 ``check_every_steps`` steps and before every checkpoint the weights, feedback weights and rule
 buffers are scanned (:func:`~asymprop.harness.guard.first_nonfinite`), so no checkpoint ever holds a
 NaN. ``on_divergence: stop`` raises :class:`RunDivergedError` naming rule, step and layer;
