@@ -16,10 +16,12 @@ Exit codes:
 
 * 0: done;
 * 2: bad input (an unknown rule, model or dataset, a model that does not fit the data, a bad
-  setting or rule option, a missing dataset or checkpoint): one line on stderr naming the valid
-  choices or the fix, before any training;
-* 3: the run diverged (NaN or inf in the loss, a weight or a feedback weight): one line naming
-  rule, step and layer; the last good checkpoint is kept;
+  setting or rule option, a missing dataset, a missing or damaged checkpoint, an output folder
+  that holds results, is in use or cannot be written): one line on stderr naming the valid
+  choices or the fix, before any training; a full disk while writing a checkpoint too;
+* 3: the run diverged (NaN or inf in the loss, a weight or a feedback weight, or a loss above
+  ``explode_factor`` times its first): one line naming rule, step and layer; the last good
+  checkpoint is kept;
 * 130 (SIGINT, Ctrl-C) or 143 (SIGTERM): stopped after finishing the current step and writing
   a checkpoint; the message gives the ``--resume`` command. A second signal ends it at once
   (the checkpoint on disk stays whole: writes are atomic).
