@@ -8,10 +8,13 @@ import pytest
 import torch
 from torch import nn
 
+import asymprop
 from asymprop.harness.models import (
     BasicBlock,
     Bottleneck,
+    RecurrentClassifier,
     ResNet,
+    TokenTransformer,
     build_model,
     list_models,
     model_options,
@@ -31,11 +34,18 @@ SHAPES = {
     "resnet20": (3, 32, 32),
     "resnet18": (3, 64, 64),
     "resnet50": (3, 64, 64),
+    "vit": (1, 28, 28),
+    "transformer1d": (1, 40),
+    "conv1d": (1, 40),
+    "rnn1d": (1, 40),
 }
 LIAO_CNNS = ["liao-mnist", "liao-cifar", "liao-svhn", "liao-large"]
 STANDARD = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.Tanh, nn.Sigmoid,
             nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout,
-            nn.Sequential, BasicBlock, Bottleneck, ResNet)  # fmt: skip
+            nn.Sequential, BasicBlock, Bottleneck, ResNet,
+            nn.Conv1d, nn.MaxPool1d, nn.LayerNorm, nn.MultiheadAttention, nn.TransformerEncoder,
+            nn.TransformerEncoderLayer, nn.ModuleList, nn.GRU, TokenTransformer,
+            RecurrentClassifier)  # fmt: skip
 
 
 def test_every_model_has_a_test_shape():
@@ -223,3 +233,80 @@ def test_bad_names_and_options():
     assert model_options("mlp")["widths"] == (256, 256)
     assert model_options("liao-mnist") == {
         "batchnorm": False, "bn_affine": False, "bn_position": "before"}  # fmt: skip
+
+
+# --- the modern architectures of the study beyond the seeds (docs/REPRODUCTION.md) ----------------
+
+MODERN = {  # small options: the contract, not the study's sizes
+    "vit": ((1, 28, 28), {"dim": 16, "depth": 1, "heads": 2, "mlp_dim": 16}),
+    "transformer1d": ((1, 40), {"dim": 8, "depth": 2, "heads": 2, "mlp_dim": 8}),
+    "conv1d": ((1, 40), {"channels": (4, 8), "hidden": 16}),
+    "rnn1d": ((1, 40), {"cell": "gru", "hidden": 8}),
+    "lstm": ((1, 40), {"cell": "lstm", "hidden": 8}),
+}
+STUDY_RULES = ["fa", "usf", "frsf", "kp", "wm", "dfa", "np"]
+
+
+def modern(key: str, rule: str | None = None) -> tuple[nn.Module, tuple[int, ...]]:
+    shape, options = MODERN[key]
+    torch.manual_seed(0)
+    model = build_model("rnn1d" if key == "lstm" else key, shape, 10, **options)
+    return (model if rule is None else asymprop.convert(model, rule, seed=0)), shape
+
+
+def test_modern_architectures_shapes_and_layers():
+    vit = build_model("vit", (1, 28, 28), 10)  # defaults: 16 patches of 7x7, dim 48
+    assert vit(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    assert vit.pos_embed.shape == (1, 17, 48) and vit.cls_token.shape == (1, 1, 48)
+    assert isinstance(vit.embed, nn.Conv2d) and vit.embed.stride == (7, 7)
+    assert len(vit.encoder.layers) == 2 and vit.encoder.layers[0].norm_first
+    mean = build_model("vit", (1, 28, 28), 10, pool="mean", patch=4)
+    assert mean.pos_embed.shape == (1, 49, 48) and mean.cls_token is None
+    seq = build_model("transformer1d", (1, 40), 10)
+    assert seq.pos_embed.shape == (1, 40, 32)  # one token per time step
+    assert seq(torch.randn(2, 1, 40)).shape == (2, 10)
+    conv = build_model("conv1d", (1, 40), 10)
+    types = layer_types(conv)
+    assert types.count(nn.Conv1d) == 3 and types.count(nn.BatchNorm1d) == 4
+    assert conv.classifier[0].in_features == 64 * 5  # 40 -> 20 -> 10 -> 5 steps
+    for cell, kind in [("gru", nn.GRU), ("lstm", nn.LSTM), ("rnn", nn.RNN)]:
+        rnn = build_model("rnn1d", (1, 40), 10, cell=cell, hidden=16)
+        assert isinstance(rnn.rnn, kind) and rnn(torch.randn(2, 1, 40)).shape == (2, 10)
+    with pytest.raises(ValueError, match=r"'conv1d' needs sequence inputs.*\(1, 28, 28\)"):
+        build_model("conv1d", (1, 28, 28), 10)
+    with pytest.raises(ValueError, match=r"'vit' needs image inputs"):
+        build_model("vit", (1, 40), 10)
+    with pytest.raises(ValueError, match="patch 5 does not divide"):
+        build_model("vit", (1, 28, 28), 10, patch=5)
+    with pytest.raises(ValueError, match="unknown cell 'lru'; valid: lstm, gru, rnn"):
+        build_model("rnn1d", (1, 40), 10, cell="lru")
+    with pytest.raises(ValueError, match="multiple of heads"):
+        build_model("transformer1d", (1, 40), 10, dim=10, heads=4)
+
+
+@pytest.mark.parametrize("key", list(MODERN))
+def test_modern_architectures_convert_completely(key):
+    """Every weight carries feedback: ``audit`` is {} for every rule the study runs, and bp
+    (exact backprop by choice) leaves every weight listed."""
+    for rule in STUDY_RULES:
+        assert asymprop.audit(modern(key, rule)[0]) == {}, rule
+    model, _ = modern(key, "bp")
+    weights = [n for n, p in model.named_parameters() if p.dim() >= 2 and p.shape[0] != 1]
+    assert sorted(asymprop.audit(model)) == sorted(weights)
+
+
+@pytest.mark.parametrize("rule", STUDY_RULES)
+@pytest.mark.parametrize("key", list(MODERN))
+def test_modern_architectures_train_one_converted_step(key, rule):
+    """One ``asymprop.train_step`` per rule: a finite loss, every weight moved, all finite."""
+    model, shape = modern(key, rule)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = torch.randn(8, *shape), torch.randint(0, 10, (8,))
+    loss = asymprop.train_step(model, optimizer, nn.functional.cross_entropy, x, y)
+    assert math.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+        if name.endswith("weight") and p.dim() >= 2:
+            assert not torch.equal(p, before[name]), f"{name} did not move under {rule}"
+    assert all(torch.isfinite(b).all() for b in model.buffers())

@@ -10,14 +10,19 @@ from typing import Any
 import pytest
 
 from asymprop.harness.experiment import DataCache
+from asymprop.harness.records import read_csv
 from asymprop.harness.reproduce import (
     ITEMS,
     _classification_run,
     _kp_curve,
     _wm_curve,
     item_config,
+    layer_group,
     liao_entry,
     main,
+    study,
+    study_verdict,
+    study_verdicts,
 )
 
 DIGITS: dict[str, Any] = {
@@ -210,3 +215,94 @@ def test_missing_dataset_is_one_line_and_exit_2(
     monkeypatch.setenv("ASYMPROP_DATA", "unset")
     reproduce.main(["--quick", "--only", "akrout-fashion-mnist", "--data-dir", str(tmp_path)])
     assert reproduce.os.environ["ASYMPROP_DATA"] == str(tmp_path)
+
+
+# --- beyond the seeds: the modern-architecture study ----------------------------------------------
+
+STUDY_ITEMS = ["study-vit-fashion-mnist", "study-mnist1d-sequence"]
+
+
+def test_study_verdict_holds_or_fails_by_its_bounds() -> None:
+    bp = [0.20, 0.22]  # mean 21%
+    assert study_verdict({"max_gap_pp": 3}, [0.22, 0.24], bp, 0.9) == (True, "gap 2.0 <= 3")
+    assert study_verdict({"max_gap_pp": 3}, [0.25, 0.25], bp, 0.9) == (False, "gap 4.0 > 3")
+    behind = {"claim": "learns, behind bp", "below_chance_pp": 40, "min_gap_pp": 1}
+    assert study_verdict(behind, [0.30, 0.30], bp, 0.9)[0]
+    assert study_verdict(behind, [0.215, 0.215], bp, 0.9) == (False, "gap 0.5 < 1")
+    met, why = study_verdict(behind, [0.55, 0.55], bp, 0.9)
+    assert not met and why == "35.0 below chance < 40"
+    # a diverged run (NaN) counts as chance: (90 + 20) / 2 = 55%
+    assert study_verdict({"max_gap_pp": 30}, [math.nan, 0.20], bp, 0.9) == (False, "gap 34.0 > 30")
+    with pytest.raises(ValueError, match="needs one or more of max_gap_pp"):
+        study_verdict({"claim": "keeps pace"}, [0.2], bp, 0.9)
+    with pytest.raises(ValueError, match="unknown keys: max_gap"):
+        study_verdict({"max_gap": 3}, [0.2], bp, 0.9)
+
+
+def test_study_configs_state_a_criterion_for_every_rule_and_pin_dfa() -> None:
+    """Every rule has a machine-readable criterion (written before the runs) and dfa's options
+    are pinned, so the results do not depend on a default that may change."""
+    for name in STUDY_ITEMS:
+        config = item_config(name)
+        assert set(config["criteria"]) == set(config["rules"])
+        assert {"bp", "fa", "usf", "kp", "wm", "dfa", "np"} <= set(config["rules"])
+        assert len(config["seeds"]) == 3
+        for criterion in config["criteria"].values():
+            study_verdict(criterion, [0.5], [0.5], 0.9)  # well formed
+        assert config["rule_options"]["dfa"] == {"init": "uniform", "gain": 1.0, "scale": "input"}
+
+
+def test_layer_groups_follow_the_module_paths() -> None:
+    groups = {
+        "encoder.layers.1.self_attn.in_proj": "attention",
+        "encoder.layers.1.self_attn.out_proj": "attention",
+        "encoder.layers.0.linear2": "transformer MLP",
+        "rnn.hh_l0": "recurrent W_hh",
+        "rnn.ih_l1_reverse": "recurrent W_ih",
+        "embed": "embedding",
+        "features.4": "conv",
+        "classifier.3": "head",
+        "head": "head",
+        "something.else": "other",
+    }
+    assert {name: layer_group(name) for name in groups} == groups
+
+
+def test_study_items_run_quick_and_verdicts_follow_the_criteria(tmp_path: Path) -> None:
+    """``--quick`` on both study items: tables, figures, one row per run; the verdicts in
+    results.csv are the criteria applied to the runs' errors, and an impossible criterion on
+    the same runs fails."""
+    assert main(["--quick", "--only", *STUDY_ITEMS, "--out", str(tmp_path)]) == 0
+    for name in STUDY_ITEMS:
+        config = item_config(name, quick=True)
+        directory = tmp_path / name
+        rows = read_csv(directory / "results.csv")
+        assert len(rows) == len(config["models"]) * len(config["rules"]) * len(config["seeds"])
+        table = (directory / "table.md").read_text()
+        assert "gap to bp (pp)" in table and "attention" in table and "delta angle" in table
+        assert len(list(directory.glob(f"{name}-*.png"))) == 2
+        for label in config["models"]:
+            mine = [r for r in rows if r["model"] == label]
+            verdicts = study_verdicts(config, mine, 0.9)
+            assert {r["rule"]: r["criterion_met"] == "True" for r in mine} == {
+                rule: met for rule, (met, _) in verdicts.items()
+            }
+            impossible = {**config, "criteria": {"fa": {"max_gap_pp": -100}}}
+            assert study_verdicts(impossible, mine, 0.9) == {"fa": (False, _fail_text(mine))}
+
+
+def _fail_text(rows: list[dict[str, Any]]) -> str:
+    errors = {rule: [r["test_error"] for r in rows if r["rule"] == rule] for rule in ("fa", "bp")}
+    gap = 100 * (sum(errors["fa"]) / len(errors["fa"]) - sum(errors["bp"]) / len(errors["bp"]))
+    return f"gap {gap:.1f} > -100"
+
+
+def test_study_writes_the_verdict_of_a_criterion_that_fails(tmp_path: Path) -> None:
+    """The item itself applies the config's criteria: the same runs hold one and fail the other."""
+    config = item_config("study-mnist1d-sequence", quick=True)
+    config["rules"] = ["bp", "fa"]
+    config["models"] = {"gru": config["models"]["gru"]}
+    config["criteria"] = {"bp": {"below_chance_pp": -100}, "fa": {"below_chance_pp": 100}}
+    result = study("study-mnist1d-sequence", config, tmp_path)
+    assert {r["rule"]: r["criterion_met"] for r in result.rows} == {"bp": True, "fa": False}
+    assert "| BP |" in result.table and "holds (" in result.table and "fails (" in result.table
