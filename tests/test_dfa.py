@@ -114,21 +114,32 @@ def test_ordinary_loop_learns_digits() -> None:
     assert not torch.allclose(model[0].weight, w0)  # the first layer learned from e @ B_2
 
 
-def test_b_is_fixed_seeded_and_survives_state_dict() -> None:
+@pytest.mark.parametrize("scale", ["output", "chain"])
+def test_b_is_fixed_seeded_and_survives_state_dict(scale: str) -> None:
     x, y = torch.randn(4, 7), torch.randn(4, 4)
-    model = convert(_mlp(), "dfa", seed=11)
+    torch.manual_seed(3)
+    model = convert(_mlp(), "dfa", seed=11, scale=scale)
     F.mse_loss(model(x), y).backward()
     b = model[2].feedback_weight.clone()
-    F.mse_loss(model(x), y).backward()
-    assert torch.equal(model[2].feedback_weight, b)  # drawn once
-    twin = convert(_mlp(), "dfa", seed=11)
+    F.mse_loss(model(x) * 3, y).backward()
+    assert torch.equal(model[2].feedback_weight, b)  # drawn (and, for "chain", scaled) once
+    torch.manual_seed(3)
+    twin = convert(_mlp(), "dfa", seed=11, scale=scale)
     F.mse_loss(twin(x), y).backward()
-    assert torch.equal(twin[2].feedback_weight, b)  # a pure function of the seed
-    fresh = convert(_mlp(), "dfa", seed=99)  # empty B, loaded from a drawn one
+    # "output": a pure function of the seed; "chain": of the seed, W and the first batch
+    assert torch.equal(twin[2].feedback_weight, b)
+    if scale == "chain":
+        torch.manual_seed(3)
+        other_batch = convert(_mlp(), "dfa", seed=11, scale=scale)
+        F.mse_loss(other_batch(x) * 3, y).backward()
+        ratio = other_batch[2].feedback_weight / b  # the same draw, another factor
+        assert not torch.allclose(ratio, torch.ones_like(ratio))
+        torch.testing.assert_close(ratio, ratio.flatten()[0].expand_as(ratio))
+    fresh = convert(_mlp(), "dfa", seed=99, scale=scale)  # empty B, loaded from a drawn one
     fresh.load_state_dict(model.state_dict())
     assert torch.equal(fresh[2].feedback_weight, b)
     assert fresh[0].feedback_weight.numel() == 0
-    other = convert(_mlp(), "dfa", seed=5)
+    other = convert(_mlp(), "dfa", seed=5, scale=scale)
     F.mse_loss(other(x), y).backward()
     other.load_state_dict(convert(_mlp(), "dfa", seed=5).state_dict())  # and back to empty
     assert other[2].feedback_weight.numel() == 0
@@ -136,7 +147,7 @@ def test_b_is_fixed_seeded_and_survives_state_dict() -> None:
 
 def test_normal_init_and_gain() -> None:
     model = convert(nn.Sequential(nn.Linear(3, 400), nn.Tanh(), nn.Linear(400, 25)), "dfa",
-                    seed=0, init="normal", gain=2.0)  # fmt: skip
+                    seed=0, init="normal", gain=2.0, scale="output")  # fmt: skip
     F.mse_loss(model(torch.randn(2, 3)), torch.zeros(2, 25)).backward()
     b = model[2].feedback_weight
     assert b.shape == (25, 400)
@@ -363,7 +374,7 @@ def test_siamese_calls_are_separate_chains() -> None:
 
 @pytest.mark.parametrize("init", ["uniform", "normal"])
 def test_scale_input_keeps_the_error_norm_whatever_the_width(init: str) -> None:
-    """scale="output" (Nøkland's, the default): every unit of e @ B has about e's size, so the
+    """scale="output" (Nøkland's): every unit of e @ B has about e's size, so the
     error sent to a layer grows as sqrt(n_in); scale="input" keeps ||e @ B|| ~ gain ||e||."""
     norms = {}
     for scale in ("output", "input"):
@@ -379,6 +390,60 @@ def test_scale_input_keeps_the_error_norm_whatever_the_width(init: str) -> None:
             norms[scale, width] = float((sent.norm(dim=1) / e.norm(dim=1)).mean())
     assert 0.8 < norms["input", 16] < 1.2 and 0.9 < norms["input", 1024] < 1.1, norms
     assert norms["output", 1024] > 5 * norms["output", 16], norms  # ~ sqrt(1024 / 16) = 8
+
+
+def _lenet() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10),
+    )  # fmt: skip
+
+
+def test_chain_scale_sends_rho_times_the_layers_own_output_error() -> None:
+    """scale="chain", on the first batch, per layer l (by hand, summed over the batch):
+    ||e @ B_l||^2 = rho_l^2 ||delta_l||^2 (times gain^2 at the output layer, where delta = e),
+    rho_l^2 = fan_in_l mean(W_l^2); delta_l is the error at the layer's output."""
+    torch.manual_seed(0)
+    model = convert(_lenet().double(), "dfa", seed=0, gain=0.5)
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            out.retain_grad()
+            outputs[name] = out
+
+        return hook
+
+    for name, layer in feedback_layers(model):
+        layer.register_forward_hook(keep(name))
+    x, y = torch.randn(16, 1, 32, 32, dtype=torch.float64), torch.randint(0, 10, (16,))
+    errors = _input_errors(model, x, lambda out: F.cross_entropy(out, y))
+    for name, layer in feedback_layers(model):
+        if name == "0":
+            continue  # its input is data: no B
+        rho_squared = layer.weight[0].numel() * float(layer.weight.detach().square().mean())
+        gain = 0.5 if name == "11" else 1.0
+        expected = gain * math.sqrt(rho_squared) * float(outputs[name].grad.norm())
+        assert math.isclose(float(errors[name][0].norm()), expected, rel_tol=1e-9), name
+
+
+def test_chain_scale_sends_backprops_error_norms_at_initialisation() -> None:
+    """The reason for the default: on a ReLU LeNet-5 at PyTorch's initialisation, backprop's
+    errors shrink ~2.4x per layer going down; "chain" follows them (within 25%), while
+    Nøkland's scale sends >10x backprop's to the conv layer (benchmarks/dfa_lenet.py)."""
+    x, y = torch.randn(64, 1, 32, 32), torch.randint(0, 10, (64,))
+    ratios = {}
+    for rule, scale in (("bp", None), ("dfa", "chain"), ("dfa", "output")):
+        torch.manual_seed(0)
+        options = {"scale": scale} if scale else {}
+        model = convert(_lenet(), rule, seed=0, **options)
+        errors = _input_errors(model, x, lambda out: F.cross_entropy(out, y))
+        ratios[rule, scale] = {n: float(errors[n][0].norm()) for n in ("3", "7", "9", "11")}
+    bp = ratios["bp", None]
+    for name in bp:
+        assert 0.75 < ratios["dfa", "chain"][name] / bp[name] < 1.25, (name, ratios)
+    assert ratios["dfa", "output"]["3"] > 10 * bp["3"], ratios
 
 
 def test_delta_alignment_reports_every_layer_of_a_residual_net() -> None:

@@ -63,7 +63,10 @@ def _batch(net: str, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor
 
 
 def _converted(net: str, rule: str, dtype: torch.dtype = torch.float64) -> nn.Module:
-    return convert(NETS[net][0]().to(dtype), rule, seed=0)
+    # dfa's default (scale="chain") fixes B's scale on the first eager batch, which a transform
+    # refuses (test below); "output" draws B from the seed alone, inside the transform too.
+    options = {"scale": "output"} if rule == "dfa" else {}
+    return convert(NETS[net][0]().to(dtype), rule, seed=0, **options)
 
 
 def _loop_grads(model: nn.Module, x: Tensor, y: Tensor) -> list[dict[str, Tensor]]:
@@ -191,6 +194,23 @@ def test_dfa_under_vmap_needs_a_batch_of_one() -> None:
 
     with pytest.raises(RuntimeError, match=r"x\.unsqueeze\(0\)"):
         vmap(grad(unbatched), in_dims=(None, 0, 0))(params, x, y)
+
+
+def test_dfa_chain_scale_is_fixed_eagerly_before_a_transform() -> None:
+    """``scale="chain"`` reads the first batch's errors: inside a transform that is refused with
+    the fix; after one eager pass the transform uses the B that pass fixed."""
+    model = convert(NETS["mlp"][0]().double(), "dfa", seed=0)
+    twin = copy.deepcopy(model)
+    x, y = _batch("mlp")
+    with pytest.raises(RuntimeError, match="ordinary backward pass first"):
+        _per_example_grads(model, x, y)
+    F.cross_entropy(twin(x), y).backward()  # fixes B
+    b = twin[2].feedback_weight.clone()
+    per_example = _per_example_grads(twin, x, y)
+    for n, expected in enumerate(_loop_grads(twin, x, y)):
+        for name, g in expected.items():
+            torch.testing.assert_close(per_example[name][n], g, rtol=0, atol=1e-10, msg=name)
+    assert torch.equal(twin[2].feedback_weight, b)
 
 
 def test_forward_mode_is_refused() -> None:
