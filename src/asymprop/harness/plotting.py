@@ -3,12 +3,19 @@
 * ``accuracy.png`` -- test accuracy per epoch (classification), one line per rule;
 * ``loss.png`` -- train (dashed) and test (solid) loss per epoch, one line per rule: the curve
   to read for reconstruction tasks (the autoencoder), which have no accuracy;
-* ``alignment.png`` -- per converted layer (one panel each): the angle between B and W (top
-  row, 000/001's "angles of matrices") and between the rule's error and backprop's (bottom row,
-  "angles of deltas"), over epochs. Epoch 0 is the model before training.
+* ``alignment.png`` -- per converted layer (one panel each, titled with its module path): the
+  angle between B and W (top row, 000/001's "angles of matrices") and between the rule's error
+  and backprop's (bottom row, "angles of deltas"), over epochs. Epoch 0 is the model before
+  training.
+* ``summary.png`` (comparisons of several rules with an accuracy) -- the field's question at a
+  glance: final test accuracy against the mean delta angle over layers (how far each rule's
+  errors are from backprop's), and the rules ranked by final accuracy, both +- one standard
+  error over seeds.
 
 With several seeds a line is their mean and the band its standard error. With several
-(model, dataset) pairs each gets its own row of panels.
+(model, dataset) pairs each gets its own row of panels. Each rule has its own colour and marker
+(tab20's colours and thirteen markers: no two of twenty rules share both), every figure has a
+title, epochs are whole-number ticks and the axes hold all the data (epoch 0 included).
 
 Figures are built with ``matplotlib.figure.Figure`` and the Agg canvas, never ``pyplot``: no
 global state, no GUI backend, safe in threads and tests.
@@ -27,13 +34,16 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .records import layers_of
 
 __all__ = ["Curve", "plot_curves", "plot_run"]
 
 Rows = Sequence[Mapping[str, Any]]
-Style = tuple[Any, str]  # (colour, linestyle) of one label
+Style = tuple[Any, str, str]  # (colour, linestyle, marker) of one label
+DPI = 150
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h", "<", ">", "p", "d")
 
 
 @dataclass(frozen=True)
@@ -51,7 +61,8 @@ def plot_run(rows: Rows, out_dir: str | os.PathLike[str], title: str = "") -> li
 
 
 def plot_curves(curves: Sequence[Curve], out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Draw ``accuracy.png`` (if any run has an accuracy), ``loss.png`` and ``alignment.png``.
+    """Draw ``accuracy.png`` (if any run has an accuracy), ``loss.png``, ``alignment.png`` and,
+    for several rules with an accuracy, ``summary.png``.
 
     Returns the files written, in that order.
     """
@@ -67,6 +78,8 @@ def plot_curves(curves: Sequence[Curve], out_dir: str | os.PathLike[str]) -> lis
         )
     written.append(_metric_figure(curves, groups, styles, out / "loss.png", "test_loss"))
     written.append(_alignment_figure(curves, groups, styles, out / "alignment.png"))
+    if len(labels) > 1 and written[0].name == "accuracy.png":
+        written.append(_summary_figure(curves, groups, styles, out / "summary.png"))
     return written
 
 
@@ -80,7 +93,7 @@ def _metric_figure(
     path: Path,
     metric: str,
 ) -> Path:
-    fig = Figure(figsize=(6.4 * len(groups), 4.4), layout="constrained")
+    fig = Figure(figsize=(6.4 * len(groups) + 1.6, 4.6), layout="constrained")
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
     for ax, group in zip(axes, groups, strict=True):
         for curve in (c for c in curves if c.group == group):
@@ -91,17 +104,83 @@ def _metric_figure(
                 _line(ax, curve.seeds, "test_loss", style, curve.label)
                 _line(ax, curve.seeds, "train_loss", style, None, faint=True)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if metric == "test_accuracy":
             ax.set_ylabel("test accuracy (%)")
-            _zoom_past_first_epoch(ax, curves, group)
         else:
             ax.set_ylabel("loss (test; train faint)")
             if _all_positive(curves, group):
                 ax.set_yscale("log")
+        ax.margins(x=0.02, y=0.05)  # every point inside the frame, none on an edge
         ax.set_title(group)
         ax.grid(alpha=0.3)
     _legend(fig, list(styles))
+    what = "test accuracy" if metric == "test_accuracy" else "loss"
+    fig.suptitle(f"{what} per epoch\n(mean over seeds, band +- s.e.; epoch 0: before training)",
+                 fontsize=10)  # fmt: skip
     return _save(fig, path)
+
+
+def _summary_figure(
+    curves: Sequence[Curve], groups: Sequence[str], styles: Mapping[str, Style], path: Path
+) -> Path:
+    fig = Figure(figsize=(11.0, 4.2 * len(groups)), layout="constrained")
+    axes = fig.subplots(len(groups), 2, squeeze=False)
+    for (scatter, ranking), group in zip(axes, groups, strict=True):
+        finals = [(c.label, _final(c)) for c in curves if c.group == group]
+        for label, (acc, acc_se, angle, angle_se) in finals:
+            colour, _, marker = styles[label]
+            if math.isfinite(acc) and math.isfinite(angle):
+                scatter.errorbar(angle, acc, xerr=angle_se, yerr=acc_se, fmt=marker,
+                                 color=colour, ms=7, capsize=3, label=label)  # fmt: skip
+        scatter.set_xlabel("mean delta angle over layers, final epoch (deg; 0 = backprop)")
+        scatter.set_ylabel("final test accuracy (%)")
+        scatter.set_title(f"{group}: accuracy against alignment" if group else "accuracy "
+                          "against alignment")  # fmt: skip
+        scatter.margins(0.08)
+        scatter.grid(alpha=0.3)
+        if scatter.get_legend_handles_labels()[1]:
+            scatter.legend(fontsize=7, ncols=2, loc="best")
+        ranked = sorted(
+            (item for item in finals if math.isfinite(item[1][0])), key=lambda item: item[1][0]
+        )
+        for row, (label, (acc, acc_se, _, _)) in enumerate(ranked):
+            colour, _, marker = styles[label]
+            ranking.errorbar(acc, row, xerr=acc_se, fmt=marker, color=colour, ms=7, capsize=3)
+        ranking.set_yticks(range(len(ranked)), [label for label, _ in ranked])
+        ranking.set_xlabel("final test accuracy (%)")
+        ranking.set_title(f"{group}: rules ranked" if group else "rules ranked")
+        ranking.margins(x=0.08, y=0.05)
+        ranking.grid(alpha=0.3, axis="x")
+    fig.suptitle("final test accuracy and delta angle per rule (+- s.e. over seeds)")
+    return _save(fig, path)
+
+
+def _final(curve: Curve) -> tuple[float, float, float, float]:
+    """Final test accuracy (%) and mean delta angle over layers: (mean, s.e.) of each over seeds.
+
+    A seed's value is its last epoch's; a seed without a finite one is left out.
+    """
+    accuracies, angles = [], []
+    for rows in curve.seeds:
+        if not rows:
+            continue
+        last = rows[-1]
+        accuracies.append(_number(last.get("test_accuracy")) * 100.0)
+        layer_angles = [
+            _number(last.get(f"delta_angle_deg/{layer}")) for layer in layers_of(last.keys())
+        ]
+        finite = [a for a in layer_angles if math.isfinite(a)]
+        angles.append(sum(finite) / len(finite) if finite else math.nan)
+    return (*_mean_se(accuracies), *_mean_se(angles))
+
+
+def _mean_se(values: Sequence[float]) -> tuple[float, float]:
+    finite = np.array([v for v in values if math.isfinite(v)], dtype=float)
+    if finite.size == 0:
+        return math.nan, math.nan
+    se = float(finite.std(ddof=1) / math.sqrt(finite.size)) if finite.size > 1 else 0.0
+    return float(finite.mean()), se
 
 
 def _alignment_figure(
@@ -127,14 +206,19 @@ def _alignment_figure(
                     _line(ax, curve.seeds, column, styles[curve.label], curve.label)
                 ax.set_ylim(-3, 93)
                 ax.set_yticks([0, 30, 60, 90])
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.margins(x=0.02)
                 ax.grid(alpha=0.3)
-                ax.set_title(f"{group}: layer {layer}" if group else f"layer {layer}", fontsize=9)
+                ax.set_title(f"{group}: {layer}" if group else layer, fontsize=9)
                 if col == 0:
                     ax.set_ylabel(ylabel)
                 if 2 * g + row == nrows - 1:
                     ax.set_xlabel("epoch")
     _legend(fig, list(styles))
-    fig.suptitle("alignment per converted layer (0 deg = backprop; NaN angles are not drawn)")
+    fig.suptitle(
+        "alignment per converted layer, by module path\n(0 deg = backprop; NaN angles not drawn)",
+        fontsize=10,
+    )
     return _save(fig, path)
 
 
@@ -174,9 +258,10 @@ def _line(
     count = finite.sum(axis=0)
     total = np.where(finite, values, 0.0).sum(axis=0)
     mean = np.divide(total, count, out=np.full(length, np.nan), where=count > 0)
-    colour, linestyle = style
+    colour, linestyle, marker = style
     width, alpha = (0.8, 0.45) if faint else (1.5, 1.0)
-    ax.plot(epochs, mean, color=colour, label=label, linestyle=linestyle, lw=width, alpha=alpha)
+    ax.plot(epochs, mean, color=colour, label=label, linestyle=linestyle, lw=width, alpha=alpha,
+            marker=None if faint else marker, ms=4, markevery=max(1, length // 12))  # fmt: skip
     if len(series) > 1:
         deviation = np.where(finite, values - mean, 0.0)
         var = np.divide(
@@ -195,20 +280,6 @@ def _layers(curves: Any) -> list[str]:
     return names
 
 
-def _zoom_past_first_epoch(ax: Axes, curves: Sequence[Curve], group: str) -> None:
-    """Accuracy axis from the lowest value after epoch 0 (chance level would flatten the rest)."""
-    values = [
-        _column(rows, "test_accuracy")[_column(rows, "epoch") > 0] * 100.0
-        for c in curves
-        if c.group == group
-        for rows in c.seeds
-    ]
-    finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.array([])
-    if finite.size:
-        low = float(finite.min())
-        ax.set_ylim(max(0.0, low - 0.05 * (100.5 - low)), 100.5)
-
-
 def _all_positive(curves: Sequence[Curve], group: str) -> bool:
     values = [
         _column(rows, key)
@@ -222,13 +293,16 @@ def _all_positive(curves: Sequence[Curve], group: str) -> bool:
 
 
 def _styles(labels: Sequence[str]) -> dict[str, Style]:
-    """tab10's colours, solid for the first ten labels, then dashed, then dotted."""
+    """A colour, line style and marker per label: tab20's dark shades then its light ones,
+    thirteen markers; no two of twenty labels share colour and marker, more also change dash."""
     from matplotlib import colormaps
 
-    cmap = colormaps["tab10"]
+    cmap = colormaps["tab20"]
+    colours = [cmap(i) for i in range(0, 20, 2)] + [cmap(i) for i in range(1, 20, 2)]
     dashes = ("-", "--", ":", "-.")
     return {
-        label: (cmap(i % 10), dashes[(i // 10) % len(dashes)]) for i, label in enumerate(labels)
+        label: (colours[i % 20], dashes[(i // 20) % len(dashes)], MARKERS[i % len(MARKERS)])
+        for i, label in enumerate(labels)
     }
 
 
@@ -246,6 +320,6 @@ def _legend(fig: Figure, order: Sequence[str]) -> None:
 def _save(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    fig.savefig(tmp, dpi=DPI)
     os.replace(tmp, path)
     return path
