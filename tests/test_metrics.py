@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import typing
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import asymprop
 from asymprop import alignment, angle_deg, convert, delta_alignment
 from conftest import small_cnn, small_mlp, small_resnet
 
@@ -94,3 +98,36 @@ def test_metrics_need_a_converted_model() -> None:
     with pytest.raises(ValueError, match=r"call asymprop.convert\(model, rule\) first"):
         delta_alignment(small_cnn(), CE, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))
     assert alignment(small_cnn()) == {}
+
+
+# ------------------------------------------- what a rule declares: its backward weight, its tensors
+
+
+@dataclasses.dataclass(frozen=True)
+class _LearnedScaleFA(asymprop.rules.FA):
+    """FA with a learned scalar per layer: the error travels through ``feedback_scale * B``."""
+
+    name: typing.ClassVar[str] = "learned-scale-fa"  # not registered: RULES stays as it is
+
+    def init_feedback(self, layer: Any, generator: torch.Generator) -> None:
+        super().init_feedback(layer, generator)
+        layer.register_parameter("feedback_scale", nn.Parameter(torch.tensor(2.0)))
+
+    def backward_weight(self, layer: Any) -> torch.Tensor:
+        return layer.feedback_scale * layer.feedback_weight
+
+
+def test_alignment_and_param_groups_use_what_the_rule_declares() -> None:
+    torch.manual_seed(0)
+    model = asymprop.convert(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)),
+                             _LearnedScaleFA(), seed=0)  # fmt: skip
+    layer = model[2]
+    with torch.no_grad():
+        layer.feedback_weight.copy_(layer.weight)  # B = W, so B_eff = 2 W
+    stats = asymprop.alignment(model)["2"]
+    assert stats["angle_deg"] < 1e-6
+    assert math.isclose(stats["rel_error"], 1.0, rel_tol=1e-6)  # ||W - 2W|| / ||W||
+    groups = asymprop.param_groups(model, lr=0.5)
+    trained = {id(p) for p in groups[1]["params"]}
+    assert trained == {id(model[0].feedback_scale), id(model[2].feedback_scale)}
+    assert not trained & {id(p) for p in groups[0]["params"]}

@@ -21,8 +21,9 @@ def param_groups(model: nn.Module, **feedback_options: Any) -> list[dict[str, An
     """Two optimizer parameter groups: the model's own parameters, and its trained feedback weights.
 
     The first group holds every parameter of ``model`` except trained feedback weights and takes
-    the optimizer's defaults; the second holds the ``feedback_weight`` Parameters (rules with
-    ``trainable_feedback``, i.e. ``kp``) and takes ``feedback_options`` (any per-group option of the
+    the optimizer's defaults; the second holds every Parameter a rule registered on a converted
+    layer under a ``feedback*`` name (``feedback_weight`` for ``kp``; a new rule's learned
+    ``feedback_scale`` as well) and takes ``feedback_options`` (any per-group option of the
     optimizer: ``lr``, ``weight_decay``, ``momentum``, ...). With plain SGD, gradient g and
     ``D = B - W``, one step gives ``D <- (1 - eta_B lambda_B) D - (eta_B - eta_W) g -
     (eta_B lambda_B - eta_W lambda_W) W``: B converges to W only when the two steps agree.
@@ -45,9 +46,9 @@ def param_groups(model: nn.Module, **feedback_options: Any) -> list[dict[str, An
     """
     feedback: dict[int, nn.Parameter] = {}
     for _, layer in feedback_layers(model):
-        weight = layer.feedback_weight
-        if isinstance(weight, nn.Parameter) and weight is not layer.weight:
-            feedback[id(weight)] = weight
+        for name, tensor in layer.named_parameters(recurse=False):
+            if name.startswith("feedback") and tensor is not layer.weight:
+                feedback[id(tensor)] = tensor
     if not feedback:
         raise ValueError(
             f"{type(model).__name__} has no trained feedback weights: only rules with trainable "

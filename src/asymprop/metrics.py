@@ -46,7 +46,10 @@ def angle_deg(a: Tensor, b: Tensor) -> float:
 def alignment(model: nn.Module) -> dict[str, dict[str, float]]:
     """Per converted layer: ``angle_deg``, ``sign_concordance`` and ``rel_error`` of B vs W.
 
-    ``angle_deg`` is the angle between vec(feedback_weight) and vec(weight) in degrees;
+    B is what the rule declares the error travels through, ``rule.backward_weight(layer)``:
+    ``feedback_weight`` for the built-in rules, W for ``bp``, and whatever a new rule computes
+    (e.g. a learned scale times a fixed matrix). ``angle_deg`` is the angle between vec(B) and
+    vec(W) in degrees;
     ``sign_concordance`` the fraction of entries with ``sign(B) == sign(W)``, in [0, 1];
     ``rel_error`` is ``||W - B||_F / ||W||_F``. For rules whose B is not W's shape (DFA maps the
     output error straight to a layer) the three are NaN.
@@ -63,7 +66,8 @@ def alignment(model: nn.Module) -> dict[str, dict[str, float]]:
     """
     result: dict[str, dict[str, float]] = {}
     for name, layer in feedback_layers(model):
-        weight, feedback = layer.weight.detach(), layer.feedback_weight.detach()
+        with torch.no_grad():
+            weight, feedback = layer.weight.detach(), layer.rule.backward_weight(layer).detach()
         if feedback.shape != weight.shape:
             result[name] = {
                 "angle_deg": math.nan,
