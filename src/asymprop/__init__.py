@@ -10,7 +10,7 @@ mirrors, node perturbation, ...). See SCIENCE.md for the equations and README.md
     ['bp', 'brsf', 'fa']
 """
 
-from . import attention, direct, functional, optim, perturbation, recurrent
+from . import attention, direct, functional, norm, optim, perturbation, recurrent
 from .convert import audit, convert, exact_backprop, feedback_layers, revert, unwrap
 from .groups import param_groups
 from .layers import (
@@ -29,6 +29,7 @@ from .layers import (
 )
 from .metrics import alignment, angle_deg, delta_alignment
 from .mirror import mirror
+from .norm import sigma_batchnorm
 from .rules import RULES, FeedbackRule, StepContext, make_rule, register_rule
 from .train import DivergenceError, train_step, update_feedback
 
@@ -62,6 +63,7 @@ __all__ = [
     "is_feedback_layer",
     "make_rule",
     "mirror",
+    "norm",
     "optim",
     "param_groups",
     "perturbation",
@@ -69,6 +71,7 @@ __all__ = [
     "register_layer",
     "register_rule",
     "revert",
+    "sigma_batchnorm",
     "train_step",
     "unwrap",
     "update_feedback",
