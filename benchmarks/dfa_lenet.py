@@ -15,6 +15,7 @@ test images. Parts:
     python benchmarks/dfa_lenet.py --part norms
     python benchmarks/dfa_lenet.py --part train bp fa dfa dfa::scale=output dfa:0.001:scale=output \
         dfa::scale=input dfa::scale=input:gain=0.1
+    python benchmarks/dfa_lenet.py --part train --steps 4700 bp fa dfa dfa::scale=output
     python benchmarks/dfa_lenet.py --part growth --steps 300 dfa::scale=output dfa::scale=input
     python benchmarks/dfa_lenet.py --part resnet20 dfa dfa::scale=output dfa:0.001:scale=output \
         dfa::scale=input
