@@ -7,7 +7,7 @@ mirrors, node perturbation, ...). See SCIENCE.md for the equations and README.md
     >>> import asymprop, torch.nn as nn
     >>> model = asymprop.convert(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), "fa")
     >>> sorted(asymprop.RULES)[:3]
-    ['bp', 'brsf', 'fa']
+    ['bp', 'brsf', 'dfa']
 """
 
 from . import attention, direct, functional, norm, optim, perturbation, recurrent

@@ -395,8 +395,13 @@ def exact_backprop(model: nn.Module) -> Iterator[nn.Module]:
     ``asymprop.delta_alignment`` to get backprop's errors on the same batch.
 
     Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> model = asymprop.convert(net, "fa")
+        >>> x, y = torch.randn(5, 4), torch.randn(5, 2)
         >>> with exact_backprop(model):
-        ...     loss_fn(model(x), y).backward()  # the gradients of plain backprop
+        ...     F.mse_loss(model(x), y).backward()  # the gradients of plain backprop
+        >>> model[0].weight.grad.shape
+        torch.Size([8, 4])
     """
     layers = [layer for _, layer in feedback_layers(model)]
     previous = [layer._exact_backprop for layer in layers]

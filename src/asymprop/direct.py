@@ -287,7 +287,11 @@ def direct_forward(
         no graph is recorded (``torch.no_grad``, nothing requires grad).
 
     Example:
-        >>> y, chain = direct_forward(layer, x, lambda l, s, g: torch.randn(s, generator=g))
+        >>> layer = asymprop.convert(nn.Linear(3, 2), "dfa", seed=0)
+        >>> x = torch.randn(4, 3, requires_grad=True)
+        >>> y, graph = direct_forward(layer, x, lambda l, s, g: torch.randn(s, generator=g))
+        >>> graph.layers == [layer]
+        True
     """
     if not torch.is_grad_enabled():
         return layer.native_forward(input), None

@@ -39,8 +39,11 @@ def param_groups(model: nn.Module, **feedback_options: Any) -> list[dict[str, An
         ValueError: the model has no trained feedback weight (no layer uses ``kp``).
 
     Example:
-        >>> model = asymprop.convert(model, "kp")
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> model = asymprop.convert(net, "kp")
         >>> opt = torch.optim.SGD(asymprop.param_groups(model, lr=0.01), lr=0.1, momentum=0.9)
+        >>> [len(group["params"]) for group in opt.param_groups]  # W and b of 2 layers; 2 B's
+        [4, 2]
 
     Paper: 000 Alg. 2 (eta_B in line 9).
     """

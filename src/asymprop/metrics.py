@@ -59,7 +59,9 @@ def alignment(model: nn.Module) -> dict[str, dict[str, float]]:
         module order.
 
     Example:
-        >>> alignment(asymprop.convert(model, "bp"))["0"]["angle_deg"]
+        >>> net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+        >>> model = asymprop.convert(net, "bp")
+        >>> alignment(model)["0"]["angle_deg"]
         0.0
 
     Paper: 000/001 (angle figures), 004 Fig. 2 and 4.
@@ -109,8 +111,14 @@ def delta_alignment(
         ``{qualified_name: angle_deg}`` in module order; NaN where an error is zero.
 
     Example:
-        >>> delta_alignment(model, nn.functional.cross_entropy, x, y)["fc1"]
-        12.3
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+        >>> model = asymprop.convert(net, "fa", seed=0)
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> angles = delta_alignment(model, nn.functional.cross_entropy, x, y)
+        >>> sorted(angles), all(a > 45.0 for a in angles.values())  # random B: far from backprop
+        (['0', '2'], True)
 
     Paper: 000/001 (angles of deltas), 004 Fig. 2B.
     """
