@@ -64,6 +64,32 @@ __all__ = [
 _GOLDEN = 0x9E3779B97F4A7C15
 
 
+def is_sharded(tensor: Tensor) -> bool:
+    """``tensor`` is a ``DTensor`` (a Parameter that FSDP2's ``fully_shard`` sharded over ranks).
+
+    Free when torch's distributed tensors were never imported (no DTensor can exist then).
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def reshard(model: nn.Module) -> None:
+    """Give back the whole weights that FSDP2 gathered for a forward pass without backward.
+
+    ``fully_shard``'s root module keeps its weights gathered after its forward pass (backward
+    would need them at once) and frees them only after backward. After a forward pass under
+    ``torch.no_grad`` (node perturbation's noisy pass, an evaluation) they would stay, and the
+    next forward pass would run on them after ``optimizer.step()`` has changed the shards:
+    calling this after such a pass frees them (``FSDPModule.reshard``). A no-op without FSDP.
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:
+        return
+    for module in model.modules():
+        if isinstance(module, fsdp.FSDPModule):
+            module.reshard()
+
+
 def mix_seed(seed: int, count: int) -> int:
     """One 63-bit generator seed from (seed, count), far from ``manual_seed(seed)``'s stream.
 
@@ -165,7 +191,7 @@ class FeedbackLayer(nn.Module):
 
     def weight_grad(self, input: Tensor, grad_output: Tensor) -> Tensor:
         """``dL/dW`` for ``input`` and ``grad_output`` (summed over examples and positions)."""
-        weight = self.weight.detach().to(grad_output.dtype)
+        weight = self._weight_shaped().to(grad_output.dtype)  # the op is linear in W
         vjp: Any = torch.func.vjp(lambda w: self.weight_op(input, w), weight)[1]
         return vjp(grad_output)[0]  # type: ignore[no-any-return]
 
@@ -175,15 +201,34 @@ class FeedbackLayer(nn.Module):
         The weight gradient with ones as input and as output gradient counts them exactly, zero
         padding (no neuron) excluded.
         """
-        weight = self.weight.detach()
+        weight = self._weight_shaped()
         ones = weight.new_ones((1, *input_shape[1:]))
         out = self.weight_op(ones, weight)
         return self.weight_grad(ones, torch.ones_like(out))
 
+    def full_weight(self) -> Tensor:
+        """W, detached and whole, for rules that read W between steps (sign rules, mirrors).
+
+        Under FSDP2 (``torch.distributed.fsdp.fully_shard``) W is a ``DTensor`` whose rows are
+        spread over the ranks between forward passes; it is all-gathered here
+        (``DTensor.full_tensor``: one all-gather of W's bytes), so the rule computes on the
+        whole W exactly as one process would. Otherwise W itself (no copy).
+        """
+        weight = self.weight.detach()
+        return weight.full_tensor() if is_sharded(weight) else weight
+
+    def _weight_shaped(self) -> Tensor:
+        """A tensor of W's shape, dtype and device for ops that read only W's shape (a weight
+        gradient's kernel argument): W itself, or uninitialised memory when W is sharded."""
+        weight = self.weight.detach()
+        if is_sharded(weight):
+            return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        return weight
+
     @property
     def fan_in(self) -> int:
         """Inputs feeding one output unit: ``in_features``, or ``C_in/groups * prod(kernel)``."""
-        return self.weight[0].numel()
+        return math.prod(self.weight.shape[1:])  # = weight[0].numel(), also for a sharded W
 
     def feedback_matrix(self) -> Tensor | None:
         """B as an ``(out, in)`` matrix view if the op is ``x @ W^T`` on the last dim, else None."""
@@ -277,7 +322,7 @@ class _MatrixKind(FeedbackLayer):
 
     def pairs(self, input_shape: Sequence[int]) -> Tensor:
         positions = math.prod(input_shape[1:-1])
-        return self.weight.detach().new_full((), float(positions))
+        return self._weight_shaped().new_full((), float(positions))
 
     def feedback_matrix(self) -> Tensor | None:
         return self.feedback_weight
@@ -363,7 +408,7 @@ class InOutLinear(FeedbackLayer):
         return input.reshape(-1, input.shape[-1]).to(g.dtype).t() @ g  # (in, out)
 
     def pairs(self, input_shape: Sequence[int]) -> Tensor:
-        return self.weight.detach().new_full((), float(math.prod(input_shape[1:-1])))
+        return self._weight_shaped().new_full((), float(math.prod(input_shape[1:-1])))
 
     @property
     def fan_in(self) -> int:
@@ -482,9 +527,8 @@ class _ConvKind(FeedbackLayer):
 
     def weight_grad(self, input: Tensor, grad_output: Tensor) -> Tensor:
         x, padding = self._padded(input.to(grad_output.dtype))
-        return self._backward(grad_output, x, self.weight.detach(), padding, [False, True, False])[
-            1
-        ]
+        kernel = self._weight_shaped()  # only its shape is read
+        return self._backward(grad_output, x, kernel, padding, [False, True, False])[1]
 
 
 class _ConvTransposeKind(_ConvKind):
@@ -624,7 +668,7 @@ class BilinearSite(FeedbackLayer):
         return torch.einsum("...k,...i,...j->kij", grad_output, x1, x2)  # (out, in1, in2)
 
     def pairs(self, input_shape: Sequence[int]) -> Tensor:
-        return self.weight.detach().new_full((), float(math.prod(input_shape[1:-1])))
+        return self._weight_shaped().new_full((), float(math.prod(input_shape[1:-1])))
 
     def default_input_shape(self) -> list[int] | None:
         return [0, self.weight.shape[1] + self.weight.shape[2]]

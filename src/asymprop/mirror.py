@@ -48,7 +48,7 @@ import torch.nn.grad
 from torch import Tensor, nn
 
 from .convert import feedback_layers, unwrap
-from .layers import FeedbackLayer
+from .layers import FeedbackLayer, reshard
 from .rules import (
     FeedbackRule,
     Init,
@@ -316,7 +316,7 @@ class WM(FeedbackRule):
         Written against the layer-kind interface only (``weight_op``, ``weight_grad``,
         ``pairs``): it works for every kind ``convert`` knows.
         """
-        weight = layer.weight.detach()
+        weight = layer.full_weight()  # all-gathered when FSDP shards W
         shape = self.noise_shape(layer)
         generator = layer.feedback_generator(weight.device)
         orthogonal = self._orthogonal(layer)
@@ -433,6 +433,7 @@ def record_input_shapes(model: nn.Module, inputs: Tensor) -> None:
     try:
         with torch.no_grad():
             module(inputs)
+        reshard(module)  # FSDP2: no backward frees the weights this pass gathered
     finally:
         for m, training in modes:
             m.training = training

@@ -59,6 +59,7 @@ weight decay (004 sec. 4.2, App. C.5).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -79,6 +80,7 @@ from .direct import (
     init_lazy_feedback,
     resize_lazy_feedback,
 )
+from .layers import reshard
 from .rules import (
     FeedbackRule,
     Init,
@@ -289,6 +291,7 @@ def _replay(step: StepContext, record: _Record) -> Iterator[nn.Module]:
                 torch.cuda.set_rng_state(state, device)
             yield model
     finally:
+        reshard(model)  # FSDP2: the noisy pass had no backward to free the gathered weights
         with torch.no_grad():
             for name, b in model.named_buffers():
                 if name in saved:
@@ -296,7 +299,14 @@ def _replay(step: StepContext, record: _Record) -> Iterator[nn.Module]:
 
 
 def _is_data_parallel(model: nn.Module) -> bool:
-    return isinstance(model, nn.parallel.DistributedDataParallel) and dist.is_initialized()
+    """Each rank trains on its share of the batch: DDP, or FSDP2 (``fully_shard``) anywhere in
+    the model (``torch.distributed.fsdp`` is looked up only if something imported it)."""
+    if not dist.is_initialized():
+        return False
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return True
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and any(isinstance(m, fsdp.FSDPModule) for m in unwrap(model).modules())
 
 
 def _sum_over_ranks(model: nn.Module) -> Callable[[Tensor], None]:

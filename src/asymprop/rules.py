@@ -364,7 +364,9 @@ def _buffer(layer: FeedbackLayer, name: str) -> Tensor:
     return layer.get_buffer(name)
 
 
-def _apply_scale(rule_scale: str, layer: FeedbackLayer, feedback: Tensor) -> Tensor:
+def _apply_scale(
+    rule_scale: str, layer: FeedbackLayer, feedback: Tensor, weight: Tensor | None = None
+) -> Tensor:
     """Rescale a sign-rule B in place: as defined (none), / fan_in (NuSF), or to ``||W||_F``.
 
     In place and without a host sync (the update runs every step on every layer): a zero B
@@ -375,7 +377,8 @@ def _apply_scale(rule_scale: str, layer: FeedbackLayer, feedback: Tensor) -> Ten
     elif rule_scale == "norm":
         norm = torch.linalg.vector_norm(feedback)
         tiny = torch.finfo(feedback.dtype).tiny
-        feedback.mul_(torch.linalg.vector_norm(layer.weight.detach()) / norm.clamp_min(tiny))
+        weight = layer.full_weight() if weight is None else weight
+        feedback.mul_(torch.linalg.vector_norm(weight) / norm.clamp_min(tiny))
     return feedback
 
 
@@ -401,8 +404,8 @@ class USF(FeedbackRule):
         return _apply_scale(self.scale, layer, torch.sign(layer.weight.detach()))
 
     def update_layer(self, layer: FeedbackLayer) -> None:
-        feedback = layer.feedback_weight
-        _apply_scale(self.scale, layer, torch.sign(layer.weight.detach(), out=feedback))
+        weight = layer.full_weight()  # all-gathered when FSDP shards W
+        _apply_scale(self.scale, layer, torch.sign(weight, out=layer.feedback_weight), weight)
 
 
 @register_rule
@@ -469,14 +472,14 @@ class BrSF(_RandomMagnitudeSign):
 
     def update_layer(self, layer: FeedbackLayer) -> None:
         # M is drawn straight into B (no temporaries: the redraw runs on every layer every step)
-        weight = layer.weight.detach()
+        weight = layer.full_weight()  # all-gathered when FSDP shards W
         generator = layer.feedback_generator()
         feedback = layer.feedback_weight
         feedback.uniform_(0.0, 1.0, generator=generator)
         if self.flip > 0:
             feedback.mul_(_flip_signs(weight.shape, self.flip, generator, weight.device))
         feedback.mul_(torch.sign(weight))
-        _apply_scale(self.scale, layer, feedback)
+        _apply_scale(self.scale, layer, feedback, weight)
 
 
 @register_rule
@@ -510,8 +513,9 @@ class FrSF(_RandomMagnitudeSign):
         )
 
     def update_layer(self, layer: FeedbackLayer) -> None:
-        feedback = torch.sign(layer.weight.detach(), out=layer.feedback_weight)
-        _apply_scale(self.scale, layer, feedback.mul_(_buffer(layer, "feedback_magnitude")))
+        weight = layer.full_weight()  # all-gathered when FSDP shards W
+        feedback = torch.sign(weight, out=layer.feedback_weight)
+        _apply_scale(self.scale, layer, feedback.mul_(_buffer(layer, "feedback_magnitude")), weight)
 
 
 # ---------------------------------------------------------------------------------------------
