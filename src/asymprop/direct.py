@@ -485,7 +485,7 @@ class DFA(FeedbackRule):
         Under ``torch.distributed`` the two sums are added over ranks (one ``all_reduce`` per
         layer, once), so every rank draws the B a single process would on the global batch.
         """
-        weight = layer.weight.detach().double()
+        weight = layer.full_weight().double()  # all-gathered when FSDP shards W
         rho_squared = layer.fan_in * float(weight.square().mean())
         sums = torch.stack(
             [delta.detach().double().square().sum(), sent.detach().double().square().sum()]
