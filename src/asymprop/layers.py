@@ -282,6 +282,37 @@ class FeedbackLayer(nn.Module):
         generator.manual_seed(mix_seed(seed, count))
         return generator
 
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        """Only tensors that hold something: no ``feedback_weight`` entry when B *is* W (bp: the
+        alias would be a second name for ``weight``), no ``_extra_state`` when the rule keeps no
+        state (fixed and sign rules, kp), so ``safetensors.torch.save_file(model.state_dict())``
+        and tools that expect tensors work; ``load_state_dict`` accepts both forms."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._parameters.get("feedback_weight") is self.weight:
+            destination.pop(prefix + "feedback_weight", None)
+        if not self.feedback_state:
+            destination.pop(prefix + "_extra_state", None)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Any,
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        omitted = set()  # what _save_to_state_dict leaves out, when it still holds nothing here
+        if self._parameters.get("feedback_weight") is self.weight:
+            omitted.add(prefix + "feedback_weight")
+        if not self.feedback_state:
+            omitted.add(prefix + "_extra_state")
+        missing_keys[:] = [key for key in missing_keys if key not in omitted]
+
     def get_extra_state(self) -> dict[str, Any]:
         return {
             key: (list(v) if isinstance(v, list) else v) for key, v in self.feedback_state.items()
