@@ -545,5 +545,5 @@ def test_conv_sgd_fit_is_the_gradient_of_the_squared_residual(conv: dict) -> Non
     (g,) = torch.autograd.grad(layer._conv_forward(probe, b, None), probe, e, create_graph=True)
     (grad,) = torch.autograd.grad(0.5 * ((g - t) ** 2).sum(), b)
     expected = b.detach() - 0.01 * grad
-    layer.rule._fit_sgd_kind(layer, e, t, lambda tensor: None)
+    layer.rule.fitter.step_kind(layer.rule, layer, e, t, lambda tensor: None, None)
     torch.testing.assert_close(layer.feedback_weight, expected, rtol=1e-10, atol=1e-12)

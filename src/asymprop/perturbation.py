@@ -65,7 +65,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -95,9 +95,17 @@ if TYPE_CHECKING:
     from .layers import FeedbackLayer
 
 __all__ = [
+    "FITS",
+    "SHAPES",
+    "DFAShape",
+    "FAShape",
+    "Fit",
     "Matched",
     "NodePerturbation",
     "RegressionRule",
+    "RidgeFit",
+    "SGDFit",
+    "Shape",
     "SyntheticGradient",
     "loss_scale",
     "per_example_loss",
@@ -343,13 +351,251 @@ def _freeze_forward_weights(model: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+# The estimator axis: which error g(e; B) reads (shape), and how B is fitted to the target (fit).
+
+
+class Shape:
+    """Where ``g(e; B)`` takes its error from: one object per value of the ``shape`` option."""
+
+    name: ClassVar[str] = ""
+
+    def init_feedback(
+        self, rule: RegressionRule, layer: FeedbackLayer, generator: torch.Generator
+    ) -> None:
+        """Install B (and the layer's random stream) at conversion."""
+        raise NotImplementedError
+
+    def forward(
+        self, rule: RegressionRule, layer: FeedbackLayer, input: Tensor
+    ) -> tuple[Tensor, DirectGraph | None]:
+        """The clean pass: the layer's output with ``g(e; B)`` as its input gradient."""
+        raise NotImplementedError
+
+    def regressor(
+        self, rule: RegressionRule, record: _Record, layer: FeedbackLayer
+    ) -> Tensor | None:
+        """``e`` from the clean backward pass, one row block per learning call (None: none)."""
+        raise NotImplementedError
+
+    def design(
+        self, rule: RegressionRule, layer: FeedbackLayer, regressor: Tensor, target: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(e, t, B)`` as matrices, ``(rows, p)``, ``(rows, n_in)`` and a ``(p, n_in)`` view of
+        B, for a fit in closed form; None when g is not a matrix product (a convolution's
+        ``shape="fa"``), which only SGD can fit, through the layer kind."""
+        raise NotImplementedError
+
+
+class FAShape(Shape):
+    """``g = e_{i+1} @ B_{i+1}``: the error at the next layer's pre-activation, sent down by the
+    learned B above (004 Theorem 1-2); B has W's shape, drawn as FA's."""
+
+    name = "fa"
+
+    def init_feedback(
+        self, rule: RegressionRule, layer: FeedbackLayer, generator: torch.Generator
+    ) -> None:
+        initial = random_feedback(layer, generator, rule.init, rule.gain)
+        layer.set_feedback_weight(initial.to(device=layer.weight.device, dtype=layer.weight.dtype))
+        layer.seed_feedback_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        layer.register_load_state_dict_pre_hook(resize_lazy_feedback)
+
+    def forward(
+        self, rule: RegressionRule, layer: FeedbackLayer, input: Tensor
+    ) -> tuple[Tensor, DirectGraph | None]:
+        return layer.feedback_forward(input, layer.feedback_weight), None
+
+    def regressor(
+        self, rule: RegressionRule, record: _Record, layer: FeedbackLayer
+    ) -> Tensor | None:
+        seen = record.calls[layer]
+        learning = [e for e, ok in zip(seen.errors, seen.call_learns, strict=True) if ok]
+        if any(error is None for error in learning):
+            return None
+        errors = [e for e in learning if e is not None]
+        return errors[0] if len(errors) == 1 else torch.cat(errors)
+
+    def design(
+        self, rule: RegressionRule, layer: FeedbackLayer, regressor: Tensor, target: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        matrix = layer.feedback_matrix()  # B as an (out, in) view, or None (a convolution)
+        if matrix is None:
+            return None
+        # rows: every leading position; (rows, out) and (rows, in)
+        e = regressor.reshape(-1, regressor.shape[-1])
+        return e, target.reshape(-1, target.shape[-1]), matrix
+
+
+class DFAShape(Shape):
+    """``g = e_out @ B_{i+1}``: straight from the output error (004 Corollary 1, sec. 4.3); B is
+    ``(n_out, *input_shape)``, drawn at the first backward pass, routed as in `asymprop.direct`."""
+
+    name = "dfa"
+
+    def init_feedback(
+        self, rule: RegressionRule, layer: FeedbackLayer, generator: torch.Generator
+    ) -> None:
+        init_lazy_feedback(layer, generator)
+
+    def forward(
+        self, rule: RegressionRule, layer: FeedbackLayer, input: Tensor
+    ) -> tuple[Tensor, DirectGraph | None]:
+        return direct_forward(layer, input, _draw_direct)
+
+    def regressor(
+        self, rule: RegressionRule, record: _Record, layer: FeedbackLayer
+    ) -> Tensor | None:
+        seen = record.calls[layer]
+        if seen.chain is None:
+            return None
+        graphs = {id(s.chain.root()) for s in record.calls.values() if s.chain is not None}
+        if len(graphs) != 1:
+            raise RuntimeError(
+                f"rule {rule.name!r} with shape='dfa' sends one output error to every layer, but "
+                f"this forward pass ran {len(graphs)} separate graphs of converted layers (two "
+                "models, or outputs that never meet): use shape='fa'"
+            )
+        error = seen.chain.root().error
+        if error is None:
+            return None
+        calls = sum(seen.call_learns)  # every learning call regresses on the same output error
+        return error if calls == 1 else torch.cat([error] * calls)
+
+    def design(
+        self, rule: RegressionRule, layer: FeedbackLayer, regressor: Tensor, target: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        if _per_position(regressor.shape, target.shape):  # rows: examples x positions
+            e = regressor.reshape(-1, regressor.shape[-1])  # (rows, n_out)
+            return e, target.reshape(-1, target.shape[-1]), layer.feedback_weight
+        # rows: examples; (N, n_out) and (N, prod(input_shape)); B as a (p, n_in) view
+        e = regressor.reshape(regressor.shape[0], -1)
+        t = target.reshape(target.shape[0], -1)
+        return e, t, layer.feedback_weight.view(e.shape[1], t.shape[1])
+
+
+def _draw_direct(
+    layer: FeedbackLayer, shape: tuple[int, ...], generator: torch.Generator
+) -> Tensor:
+    """A learned DFA-shaped B's initial value: Nøkland's scale (the fit sets its size)."""
+    weight = layer.weight
+    return draw_direct_feedback(shape, generator, device=weight.device, dtype=weight.dtype)
+
+
+class Fit:
+    """How B is fitted to the targets: one object per value of the ``fit`` option."""
+
+    name: ClassVar[str] = ""
+
+    def init_feedback(self, layer: FeedbackLayer) -> None:
+        """State the fit keeps per layer (buffers), at conversion."""
+
+    def learns(self, rule: RegressionRule) -> bool:
+        """Whether this fit changes B at all with the rule's options."""
+        return True
+
+    def step(
+        self, rule: RegressionRule, e: Tensor, t: Tensor, feedback: Tensor, layer: FeedbackLayer,
+        reduce: Callable[[Tensor], None],
+    ) -> None:  # fmt: skip
+        """Change ``feedback`` (a ``(p, n_in)`` view of B) in place from ``e`` and ``t``."""
+        raise NotImplementedError
+
+    def step_kind(
+        self, rule: RegressionRule, layer: FeedbackLayer, regressor: Tensor, target: Tensor,
+        reduce: Callable[[Tensor], None], inputs: Tensor | None,
+    ) -> None:  # fmt: skip
+        """Change B when g is not a matrix product (a convolution with ``shape="fa"``)."""
+        raise ValueError(
+            f"rule {rule.name!r} with fit={self.name!r} and shape='fa' fits a matrix, but "
+            f"{type(layer).__name__}(weight {tuple(layer.weight.shape)}) does not send its error "
+            "through one (a convolution): use fit='sgd', or shape='dfa' (whose B is a matrix for "
+            "any layer)"
+        )
+
+
+class SGDFit(Fit):
+    """One step per minibatch on ``1/2 sum_n ||g_n - t_n||^2``: ``B -= lr_b e^T (e B - t)``."""
+
+    name = "sgd"
+
+    def learns(self, rule: RegressionRule) -> bool:
+        return rule.lr_b > 0
+
+    def step(
+        self, rule: RegressionRule, e: Tensor, t: Tensor, feedback: Tensor, layer: FeedbackLayer,
+        reduce: Callable[[Tensor], None],
+    ) -> None:  # fmt: skip
+        # d/dB 1/2 sum_n ||e_n B - t_n||^2 = e^T (e B - t): (p, N) @ (N, n_in)
+        grad = e.t() @ (e @ feedback - t)
+        reduce(grad)
+        feedback.sub_(rule.lr_b * grad)
+
+    def step_kind(
+        self, rule: RegressionRule, layer: FeedbackLayer, regressor: Tensor, target: Tensor,
+        reduce: Callable[[Tensor], None], inputs: Tensor | None,
+    ) -> None:  # fmt: skip
+        """SGD on B for any layer kind (convolutions, ...) through the layer-kind interface.
+
+        ``g = input_grad(e, B)``; for an op linear in its input, ``<input_grad(e, B), r> =
+        <e, op(r; B)>``, so ``d/dB 1/2 ||g - t||^2`` is the op's weight gradient for input
+        ``r = g - t`` and output gradient ``e``: two products, no third. Other kinds (bilinear)
+        take the vjp of ``input_grad``, which is linear in B, at the clean ``inputs``.
+        """
+        feedback = layer.feedback_weight
+        e, t = regressor.to(feedback.dtype), target.to(feedback.dtype)
+        if layer.linear_in_input:
+            pred = layer.input_grad(e, feedback.detach(), t)  # (N, *input_shape): t's shape
+            grad = layer.weight_grad(pred.sub_(t), e)
+        else:
+            assert inputs is not None
+            x = inputs.to(feedback.dtype)
+            pred, vjp = torch.func.vjp(lambda b: layer.input_grad(e, b, x), feedback.detach())[:2]
+            grad = vjp(pred - t)[0]
+        reduce(grad)
+        feedback.sub_(rule.lr_b * grad)
+
+
+class RidgeFit(Fit):
+    """The exact regularised solution over all examples seen (004 App. C.3), from running sums
+    ``feedback_gram`` ``(p, p)`` and ``feedback_cross`` ``(p, n_in)``, sized at the first fit."""
+
+    name = "ridge"
+
+    def init_feedback(self, layer: FeedbackLayer) -> None:
+        layer.register_buffer("feedback_gram", layer.weight.detach().new_zeros(0))
+        layer.register_buffer("feedback_cross", layer.weight.detach().new_zeros(0))
+
+    def step(
+        self, rule: RegressionRule, e: Tensor, t: Tensor, feedback: Tensor, layer: FeedbackLayer,
+        reduce: Callable[[Tensor], None],
+    ) -> None:  # fmt: skip
+        gram, cross = layer.get_buffer("feedback_gram"), layer.get_buffer("feedback_cross")
+        if gram.numel() == 0:
+            gram.resize_(e.shape[1], e.shape[1]).zero_()
+            cross.resize_(e.shape[1], t.shape[1]).zero_()
+        d_gram, d_cross = e.t() @ e, e.t() @ t  # (p, p), (p, n_in)
+        reduce(d_gram)
+        reduce(d_cross)
+        gram.add_(d_gram)
+        cross.add_(d_cross)
+        eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+        solution = torch.linalg.solve(gram.double() + rule.gamma * eye, cross.double())
+        feedback.copy_(solution)
+
+
+#: The estimator axis, by option value: ``shape`` and ``fit`` of ``np`` and ``sg``.
+SHAPES: dict[str, Shape] = {shape.name: shape for shape in (FAShape(), DFAShape())}
+FITS: dict[str, Fit] = {fit.name: fit for fit in (SGDFit(), RidgeFit())}
+
+
 @dataclass(frozen=True)
 class RegressionRule(FeedbackRule):
     """Abstract base of ``np`` and ``sg``: B fitted by regression onto a per-layer target.
 
     Subclasses provide ``targets`` (what ``g(e; B)`` should match at each learning layer's input);
-    this class routes the error (``shape``), records the clean pass, fits B (``fit``) and runs the
-    warm-up. See the module docstring for the equations.
+    this class records the clean pass and runs the warm-up, and the two estimator objects do the
+    rest: ``estimator_shape`` (`SHAPES`: where g takes its error from) and ``fitter`` (`FITS`: how
+    B is fitted). See the module docstring for the equations.
     """
 
     fit: Literal["sgd", "ridge"] = "sgd"
@@ -373,41 +619,30 @@ class RegressionRule(FeedbackRule):
                 f"rule {self.name!r} option warmup_steps={self.warmup_steps!r} must be >= 0"
             )
 
+    @property
+    def estimator_shape(self) -> Shape:
+        return SHAPES[self.shape]
+
+    @property
+    def fitter(self) -> Fit:
+        return FITS[self.fit]
+
     # --- set-up -----------------------------------------------------------------------------
     def init_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> None:
-        if self.shape == "dfa":
-            init_lazy_feedback(layer, generator)
-        else:
-            super().init_feedback(layer, generator)
-            layer.seed_feedback_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
-            layer.register_load_state_dict_pre_hook(resize_lazy_feedback)
-        if self.fit == "ridge":  # running sums, sized at the first fit
-            layer.register_buffer("feedback_gram", layer.weight.detach().new_zeros(0))
-            layer.register_buffer("feedback_cross", layer.weight.detach().new_zeros(0))
+        self.estimator_shape.init_feedback(self, layer, generator)
+        self.fitter.init_feedback(layer)
         layer.feedback_state["steps"] = 0
 
     def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
-        """``shape="fa"``: FA's random B in W's shape; ``"dfa"``: empty until first needed."""
-        if self.shape == "dfa":
-            return layer.weight.detach().new_empty(0)
-        return random_feedback(layer, generator, self.init, self.gain)
-
-    def _draw_direct(
-        self, layer: FeedbackLayer, shape: tuple[int, ...], generator: torch.Generator
-    ) -> Tensor:
-        weight = layer.weight
-        return draw_direct_feedback(shape, generator, device=weight.device, dtype=weight.dtype)
+        """Not used: the estimator's shape installs B (`Shape.init_feedback`)."""
+        raise NotImplementedError("RegressionRule's B is installed by its estimator_shape")
 
     # --- the pass ---------------------------------------------------------------------------
     def forward(self, layer: FeedbackLayer, input: Tensor) -> Tensor:
         noisy = _NOISY.get()
         if noisy is not None:  # the noisy pass of a train_step: no graph, no recording
             return noisy.forward(layer, input)
-        chain: DirectGraph | None = None
-        if self.shape == "dfa":
-            output, chain = direct_forward(layer, input, self._draw_direct)
-        else:
-            output = layer.feedback_forward(input, layer.feedback_weight)
+        output, chain = self.estimator_shape.forward(self, layer, input)
         records = _RECORDS.get()
         record = None if records is None else records.get(id(self))
         if record is not None and output.requires_grad:
@@ -440,12 +675,12 @@ class RegressionRule(FeedbackRule):
         if steps < self.warmup_steps:
             _freeze_forward_weights(step.model)
         learning = [layer for layer, seen in record.calls.items() if seen.learns]
-        if learning and (self.lr_b > 0 or self.fit == "ridge"):
+        if learning and self.fitter.learns(self):
             targets, scale = self.targets(step, record, learning)
             reduce = _sum_over_ranks(step.model)
             with torch.no_grad():
                 for layer in learning:
-                    regressor = self._regressor(record, layer)
+                    regressor = self.estimator_shape.regressor(self, record, layer)
                     if regressor is not None:
                         inputs = record.calls[layer].inputs
                         clean = None if not inputs else torch.cat(inputs)
@@ -479,34 +714,6 @@ class RegressionRule(FeedbackRule):
         raise NotImplementedError(f"{type(self).__name__} must implement targets")
 
     # --- the fit ----------------------------------------------------------------------------
-    def _regressor(self, record: _Record, layer: FeedbackLayer) -> Tensor | None:
-        """``e`` of ``g(e; B)`` from the clean backward pass (None: no error reached it).
-
-        A layer called several times in one pass (a recurrent weight) contributes one row block
-        per call, in call order, matching its targets.
-        """
-        seen = record.calls[layer]
-        if self.shape == "fa":
-            learning = [e for e, ok in zip(seen.errors, seen.call_learns, strict=True) if ok]
-            if any(error is None for error in learning):
-                return None
-            errors = [e for e in learning if e is not None]
-            return errors[0] if len(errors) == 1 else torch.cat(errors)
-        if seen.chain is None:
-            return None
-        graphs = {id(s.chain.root()) for s in record.calls.values() if s.chain is not None}
-        if len(graphs) != 1:
-            raise RuntimeError(
-                f"rule {self.name!r} with shape='dfa' sends one output error to every layer, but "
-                f"this forward pass ran {len(graphs)} separate graphs of converted layers (two "
-                "models, or outputs that never meet): use shape='fa'"
-            )
-        error = seen.chain.root().error
-        if error is None:
-            return None
-        calls = sum(seen.call_learns)  # every learning call regresses on the same output error
-        return error if calls == 1 else torch.cat([error] * calls)
-
     def _fit(
         self,
         layer: FeedbackLayer,
@@ -515,81 +722,17 @@ class RegressionRule(FeedbackRule):
         reduce: Callable[[Tensor], None],
         inputs: Tensor | None = None,
     ) -> None:
-        """One SGD step on B, or the ridge solution over all data so far.
+        """One fit of B: in closed form on matrices, or through the layer kind.
 
         ``inputs``: the clean inputs (row blocks as the regressor's), needed only for kinds whose
         input error depends on them (``layer.linear_in_input`` False).
         """
-        matrix = layer.feedback_matrix() if self.shape == "fa" else None
-        if self.shape == "fa" and matrix is None:
-            if self.fit == "ridge":  # checked here: a layer fed by data (a stem) is never fitted
-                raise ValueError(
-                    f"rule {self.name!r} with fit='ridge' and shape='fa' fits a matrix, but "
-                    f"{type(layer).__name__}(weight {tuple(layer.weight.shape)}) does not send "
-                    "its error through one (a convolution): use fit='sgd', or shape='dfa' "
-                    "(whose B is a matrix for any layer)"
-                )
-            self._fit_sgd_kind(layer, regressor, target, reduce, inputs)
+        design = self.estimator_shape.design(self, layer, regressor, target)
+        if design is None:
+            self.fitter.step_kind(self, layer, regressor, target, reduce, inputs)
             return
-        if matrix is not None:  # rows: every leading position; (rows, out) and (rows, in)
-            e = regressor.reshape(-1, regressor.shape[-1])
-            t = target.reshape(-1, target.shape[-1])
-            feedback = matrix  # B as an (out, in) view
-        elif _per_position(regressor.shape, target.shape):  # rows: examples x positions
-            e = regressor.reshape(-1, regressor.shape[-1])  # (rows, n_out)
-            t = target.reshape(-1, target.shape[-1])  # (rows, in)
-            feedback = layer.feedback_weight  # (n_out, in)
-        else:  # rows: examples; (N, n_out) and (N, prod(input_shape))
-            e = regressor.reshape(regressor.shape[0], -1)
-            t = target.reshape(target.shape[0], -1)
-            feedback = layer.feedback_weight.view(e.shape[1], t.shape[1])  # B, a view: (p, n_in)
-        e, t = e.to(feedback.dtype), t.to(feedback.dtype)
-        if self.fit == "sgd":
-            # d/dB 1/2 sum_n ||e_n B - t_n||^2 = e^T (e B - t): (p, N) @ (N, n_in)
-            grad = e.t() @ (e @ feedback - t)
-            reduce(grad)
-            feedback.sub_(self.lr_b * grad)
-            return
-        gram, cross = layer.get_buffer("feedback_gram"), layer.get_buffer("feedback_cross")
-        if gram.numel() == 0:
-            gram.resize_(e.shape[1], e.shape[1]).zero_()
-            cross.resize_(e.shape[1], t.shape[1]).zero_()
-        d_gram, d_cross = e.t() @ e, e.t() @ t  # (p, p), (p, n_in)
-        reduce(d_gram)
-        reduce(d_cross)
-        gram.add_(d_gram)
-        cross.add_(d_cross)
-        eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
-        solution = torch.linalg.solve(gram.double() + self.gamma * eye, cross.double())
-        feedback.copy_(solution)
-
-    def _fit_sgd_kind(
-        self,
-        layer: FeedbackLayer,
-        regressor: Tensor,
-        target: Tensor,
-        reduce: Callable[[Tensor], None],
-        inputs: Tensor | None = None,
-    ) -> None:
-        """SGD on B for any layer kind (convolutions, ...) through the layer-kind interface.
-
-        ``g = input_grad(e, B)``; for an op linear in its input, ``<input_grad(e, B), r> =
-        <e, op(r; B)>``, so ``d/dB 1/2 ||g - t||^2`` is the op's weight gradient for input
-        ``r = g - t`` and output gradient ``e``: two products, no third. Other kinds (bilinear)
-        take the vjp of ``input_grad``, which is linear in B, at the clean ``inputs``.
-        """
-        feedback = layer.feedback_weight
-        e, t = regressor.to(feedback.dtype), target.to(feedback.dtype)
-        if layer.linear_in_input:
-            pred = layer.input_grad(e, feedback.detach(), t)  # (N, *input_shape): t's shape
-            grad = layer.weight_grad(pred.sub_(t), e)
-        else:
-            assert inputs is not None
-            x = inputs.to(feedback.dtype)
-            pred, vjp = torch.func.vjp(lambda b: layer.input_grad(e, b, x), feedback.detach())[:2]
-            grad = vjp(pred - t)[0]
-        reduce(grad)
-        feedback.sub_(self.lr_b * grad)
+        e, t, feedback = design
+        self.fitter.step(self, e.to(feedback.dtype), t.to(feedback.dtype), feedback, layer, reduce)
 
 
 @register_rule
