@@ -168,11 +168,47 @@ def test_flip_gives_concordance_one_minus_p(rule: str, flip: float) -> None:
     )
     for _ in range(2):  # after updates too (brsf redraws S_p)
         for stats in asymprop.alignment(model).values():
-            n = 200 * 100  # the smaller layer has 5000 entries: use its tolerance for both
-            n = 100 * 50
+            n = 100 * 50  # the smaller layer has 5000 entries: use its tolerance for both
             tolerance = 5 * math.sqrt(flip * (1 - flip) / n) + 1e-12
             assert abs(stats["sign_concordance"] - (1 - flip)) <= tolerance
         update_feedback(model)
+
+
+def test_brsf_fast_draw_is_uniform_on_the_15_bit_grid() -> None:
+    """M = (k + 1/2) / 2^15: k an integer in [0, 2^15); each of its 15 bits a fair coin at each
+    of the four positions a 63-bit word feeds (5 sigma); the moments of U[0, 1]."""
+    layer = convert(nn.Linear(1024, 1024, bias=False), "brsf", seed=0)
+    k = layer.feedback_weight.detach().abs().double() * 2**15 - 0.5
+    assert torch.equal(k, k.round()) and k.min() >= 0 and k.max() <= 2**15 - 1
+    k = k.long().flatten()
+    for position in range(4):  # the int16s of one int64 word
+        part = k[position::4]
+        sigma = 0.5 / math.sqrt(part.numel())
+        for bit in range(15):
+            assert abs(float(((part >> bit) & 1).double().mean()) - 0.5) < 5 * sigma, (
+                position,
+                bit,
+            )
+    m = layer.feedback_weight.detach().abs().double()
+    assert abs(float(m.mean()) - 0.5) < 5 * math.sqrt(1 / 12 / m.numel())
+    assert abs(float(m.var()) - 1 / 12) < 1e-3
+
+
+def test_brsf_exact_draw_and_the_sign_of_a_zero_weight() -> None:
+    fast = convert(nn.Linear(64, 32), "brsf", seed=0)
+    exact = convert(nn.Linear(64, 32), "brsf", seed=0, draw="exact")
+    grid = exact.feedback_weight.detach().abs().double() * 2**15 - 0.5
+    assert not torch.equal(grid, grid.round())  # torch's uniform_: not on the 15-bit grid
+    for layer in (fast, exact):
+        with torch.no_grad():
+            layer.weight[0, 0] = 0.0
+            layer.weight[0, 1] = -0.5
+        update_feedback(layer)
+        assert layer.feedback_weight[0, 1] < 0
+    assert exact.feedback_weight[0, 0] == 0  # sign(0) = 0
+    assert fast.feedback_weight[0, 0] > 0  # copysign(M, +0.0) = +M, as documented
+    with pytest.raises(TypeError, match="draw"):
+        convert(nn.Linear(4, 2), "brsf", draw="bits")
 
 
 def test_sign_scale_options() -> None:
