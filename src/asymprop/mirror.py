@@ -157,9 +157,12 @@ class WM(FeedbackRule):
         init, gain: the initial random B, as for ``fa``.
 
     Example:
-        >>> model = asymprop.convert(model, "wm", seed=0)
+        >>> net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> x, y = torch.randn(16, 20), torch.randint(0, 4, (16,))
+        >>> model = asymprop.convert(net, "wm", seed=0)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.01)
         >>> asymprop.mirror(model, steps=20, example_input=x)    # optional explicit warm-up
-        >>> asymprop.train_step(model, opt, loss_fn, x, y)       # engaged step + mirror steps
+        >>> loss = asymprop.train_step(model, opt, F.cross_entropy, x, y)  # + mirror steps
 
     Paper: 000 Alg. 1, App. B-D; 001 (weight mirror); 003 eq. (5)-(11).
     """
@@ -466,9 +469,14 @@ def mirror(
         RuntimeError: a conv layer's input size is unknown (names the fix).
 
     Example:
-        >>> model = asymprop.convert(model, "wm", seed=0, warmup_steps=0)
+        >>> net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> x, y = torch.randn(16, 20), torch.randint(0, 4, (16,))
+        >>> model = asymprop.convert(net, "wm", seed=0, warmup_steps=0)
+        >>> asymprop.alignment(model)["2"]["angle_deg"] > 60  # a random B: near 90
+        True
         >>> asymprop.mirror(model, steps=500, example_input=x[:8])
-        >>> asymprop.alignment(model)["fc1"]["angle_deg"]   # small now
+        >>> asymprop.alignment(model)["2"]["angle_deg"] < 45  # mirrored: the ~25-degree plateau
+        True
 
     Paper: 000 Alg. 1 (mirror mode), App. C.4 and D.2.
     """

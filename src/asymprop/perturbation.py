@@ -155,7 +155,10 @@ def per_example_loss(
     control flow on tensor values, ``.item()`` or in-place writes to captured tensors are not).
 
     Example:
-        >>> per_example_loss(F.cross_entropy, torch.randn(5, 3), torch.tensor([0, 1, 2, 0, 1]))
+        >>> outputs, labels = torch.randn(5, 3), torch.tensor([0, 1, 2, 0, 1])
+        >>> losses = per_example_loss(F.cross_entropy, outputs, labels)
+        >>> losses.shape, bool(torch.isclose(losses.mean(), F.cross_entropy(outputs, labels)))
+        (torch.Size([5]), True)
     """
 
     def one(output: Tensor, target: Tensor) -> Tensor:
@@ -757,9 +760,14 @@ class NodePerturbation(RegressionRule):
     alone raises.
 
     Example:
+        >>> net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> x, y = torch.randn(16, 20), torch.randint(0, 4, (16,))
         >>> model = asymprop.convert(net, "np", seed=0, fit="ridge", gamma=0.1)
-        >>> for x, y in loader:
-        ...     asymprop.train_step(model, optimizer, loss_fn, x, y)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        >>> for _ in range(3):
+        ...     loss = asymprop.train_step(model, optimizer, F.cross_entropy, x, y)
+        >>> model[2].feedback_gram.shape  # the running sums of its input error's regressor e
+        torch.Size([4, 4])
 
     Paper: 004 (Lansdell, Prakash, Kording 2020) sec. 2-4, Theorem 1-2, Corollary 1, App. B-C.
     """
@@ -821,7 +829,11 @@ class SyntheticGradient(RegressionRule):
     Options: ``fit``, ``gamma``, ``lr_b``, ``shape``, ``warmup_steps`` as for ``np``.
 
     Example:
+        >>> net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> x, y = torch.randn(16, 20), torch.randint(0, 4, (16,))
         >>> model = asymprop.convert(net, "sg", seed=0, lr_b=1e-3)
+        >>> loss = asymprop.train_step(model, torch.optim.SGD(model.parameters(), lr=0.01),
+        ...                            F.cross_entropy, x, y)
 
     Paper: 004 sec. 4.4 and App. C.5 (after Jaderberg et al. 2016).
     """
@@ -888,9 +900,11 @@ class Matched(FeedbackRule):
         weight_decay: B's decay per step, in [0, 1).
 
     Example:
+        >>> net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> x, y = torch.randn(16, 20), torch.randint(0, 4, (16,))
         >>> model = asymprop.convert(net, "matched", seed=0, lr_b=0.01, weight_decay=1e-4)
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=1e-2)
-        >>> loss.backward(); opt.step(); asymprop.update_feedback(model)
+        >>> F.cross_entropy(model(x), y).backward(); opt.step(); asymprop.update_feedback(model)
 
     Paper: 004 sec. 4.2, Table 2 and App. C.5 (after Rombouts et al. 2015; Martinolli et al. 2018).
     """

@@ -577,8 +577,11 @@ class KP(FeedbackRule):
         gain: multiplies the initial scale ``1/sqrt(fan_in)``.
 
     Example:
-        >>> model = asymprop.convert(model, "kp", seed=0)
+        >>> net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> model = asymprop.convert(net, "kp", seed=0)
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+        >>> isinstance(model[2].feedback_weight, nn.Parameter)  # trained by opt, as W
+        True
 
     Paper: 000 Alg. 2 and App. B; 001 (KP circuit); 003 eq. (12)-(18).
     """

@@ -51,7 +51,12 @@ def update_feedback(model: nn.Module) -> None:
     :func:`train_step` instead and raise here.
 
     Example:
-        >>> loss.backward(); optimizer.step(); asymprop.update_feedback(model)
+        >>> model = asymprop.convert(nn.Sequential(nn.Linear(20, 4)), "usf", seed=0)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> F.cross_entropy(model(torch.randn(8, 20)), torch.randint(0, 4, (8,))).backward()
+        >>> optimizer.step(); asymprop.update_feedback(model)  # usf: B = sign(W) again
+        >>> bool(torch.equal(model[0].feedback_weight, torch.sign(model[0].weight)))
+        True
 
     Raises:
         ValueError: ``model`` has no converted layer.
@@ -107,7 +112,12 @@ def train_step(
         DivergenceError: the loss is NaN or infinite (checked before the weights change).
 
     Example:
+        >>> model = asymprop.convert(nn.Sequential(nn.Linear(20, 4)), "fa", seed=0)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        >>> x, y = torch.randn(16, 20), torch.randint(0, 4, (16,))
         >>> loss = asymprop.train_step(model, opt, nn.functional.cross_entropy, x, y)
+        >>> isinstance(loss, float)
+        True
     """
     layers = _layers(model)
     groups = rules_of(layers)
