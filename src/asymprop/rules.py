@@ -503,15 +503,15 @@ _GRID_BITS = 15
 def _grid_uniform(out: Tensor, generator: torch.Generator) -> Tensor:
     """Fill ``out`` with ``(k + 1/2) / 2^15``, ``k`` uniform on ``0 .. 2^15 - 1``, in place.
 
-    ``random_`` on int64 gives 63 random bits per word; viewed as four int16 each has 15 random
-    low bits (the word's one constant bit is the top bit of the last), masked to ``0 .. 2^15 - 1``.
+    ``random_`` on int64 gives 63 random bits per word; masking each of its four int16s to its 15
+    low bits (one pass over the words; the word's constant bit is masked away) gives four ``k``,
+    turned into floats by one fused ``2^-16 + 2^-15 k``.
     """
-    words = torch.empty(-(-out.numel() // 4), dtype=torch.int64, device=out.device).random_(
-        generator=generator
-    )
-    k = words.view(torch.int16)[: out.numel()].view(out.shape).bitwise_and_(2**_GRID_BITS - 1)
-    torch.add(k, 0.5, out=out)
-    return out.mul_(2.0**-_GRID_BITS)
+    words = torch.empty(-(-out.numel() // 4), dtype=torch.int64, device=out.device)
+    words.random_(generator=generator).bitwise_and_(0x7FFF_7FFF_7FFF_7FFF)
+    k = words.view(torch.int16)[: out.numel()].view(out.shape)
+    half_step = torch.tensor(2.0 ** -(_GRID_BITS + 1), dtype=out.dtype, device=out.device)
+    return torch.add(half_step, k, alpha=2.0**-_GRID_BITS, out=out)
 
 
 @register_rule
