@@ -230,7 +230,9 @@ def test_first_layer_feedback_is_never_used() -> None:
 # ----------------------------------------------------------------------------- Theorem 2, Cor. 1
 
 
-def _linear_fixed_w(widths: tuple[int, ...], shape: str, steps: int = 300) -> nn.Module:
+def _linear_fixed_w(
+    widths: tuple[int, ...], shape: str, steps: int = 300, noise: str = "gaussian"
+) -> nn.Module:
     torch.manual_seed(0)
     layers = [nn.Linear(a, b) for a, b in itertools.pairwise(widths)]
     teacher = torch.randn(widths[-1], widths[0])
@@ -243,6 +245,7 @@ def _linear_fixed_w(widths: tuple[int, ...], shape: str, steps: int = 300) -> nn
         noise_std=0.01,
         shape=shape,
         warmup_steps=10**9,
+        noise=noise,
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(0)
@@ -265,6 +268,35 @@ def test_corollary_1_dfa_shaped_feedback_converges_to_product_of_downstream_w() 
     assert _rel(model[1].feedback_weight, W3 @ W2) < 0.08
     assert _rel(model[2].feedback_weight, W3) < 0.05
     assert model[0].feedback_weight.numel() == 0
+
+
+@pytest.mark.parametrize("shape", ["fa", "dfa"])
+def test_rademacher_noise_learns_the_same_feedback(shape: str) -> None:
+    """+-1 noise (sub-Gaussian, identity covariance: 004 A1) recovers the same B as Gaussian
+    noise in the fixed-W linear nets of Theorem 2 and Corollary 1, as closely."""
+    widths = (8, 4, 5, 6) if shape == "fa" else (8, 6, 5, 4)
+    gaussian = _linear_fixed_w(widths, shape)
+    rademacher = _linear_fixed_w(widths, shape, noise="rademacher")
+    for layer in (1, 2):
+        bound = 0.2 if (shape, layer) == ("fa", 1) else 0.08
+        assert _rel(rademacher[layer].feedback_weight, gaussian[layer].feedback_weight) < bound
+    if shape == "fa":
+        assert _rel(rademacher[2].feedback_weight, rademacher[2].weight.detach()) < 0.06
+
+
+def test_rademacher_draw_is_fair_independent_signs() -> None:
+    from asymprop.perturbation import rademacher_noise
+
+    xi = rademacher_noise((4001, 7, 9), torch.Generator().manual_seed(0), torch.device("cpu"),
+                          torch.float64).reshape(4001, -1)  # fmt: skip
+    assert set(xi.unique().tolist()) == {-1.0, 1.0}
+    sigma = 1 / math.sqrt(xi.shape[0])
+    assert float(xi.mean(0).abs().max()) < 5 * sigma  # every position fair
+    covariance = xi.T @ xi / xi.shape[0]
+    off = covariance - torch.eye(63, dtype=torch.float64)
+    assert (
+        float(off.abs().max()) < 5 * sigma
+    )  # uncorrelated, unit variance (exactly 1 on the diagonal)
 
 
 def test_theorem_2_fa_shaped_feedback_converges_to_w_in_a_linear_net() -> None:

@@ -96,6 +96,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FITS",
+    "NOISES",
     "SHAPES",
     "DFAShape",
     "FAShape",
@@ -107,9 +108,11 @@ __all__ = [
     "SGDFit",
     "Shape",
     "SyntheticGradient",
+    "gaussian_noise",
     "loss_scale",
     "per_example_loss",
     "perturbation_estimate",
+    "rademacher_noise",
 ]
 
 
@@ -248,12 +251,46 @@ class _Record:
         output.register_hook(partial(_store_error, seen, len(seen.errors) - 1))
 
 
+def gaussian_noise(
+    shape: tuple[int, ...], generator: torch.Generator, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """``xi ~ N(0, I)``: the papers' activation noise."""
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+_BITS = torch.arange(8, dtype=torch.uint8)
+
+
+def rademacher_noise(
+    shape: tuple[int, ...], generator: torch.Generator, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """``xi`` with independent entries +-1 (probability 1/2 each): zero mean, unit variance, and
+    sub-Gaussian, as 004's consistency results assume (A1), from one random bit per entry.
+
+    The bits are 7 bytes of each 63-bit word ``random_`` gives on int64 (the eighth byte has a
+    constant top bit), unpacked 8 per byte.
+    """
+    n = math.prod(shape)
+    words = torch.empty(-(-n // 56), dtype=torch.int64, device=device).random_(generator=generator)
+    octets = words.view(torch.uint8).view(-1, 8)[:, :7]  # little-endian: byte 7 holds bit 63
+    bits = (octets.unsqueeze(-1) >> _BITS.to(device)).bitwise_and_(1).reshape(-1)[:n]
+    return (bits.view(shape).to(dtype) * 2).sub_(1)
+
+
+#: The activation noise of ``np``, by its option ``noise``.
+NOISES: dict[str, Callable[..., Tensor]] = {
+    "gaussian": gaussian_noise,
+    "rademacher": rademacher_noise,
+}
+
+
 @dataclass(eq=False)
 class _NoisyPass:
     noise_std: float
     noise: dict[FeedbackLayer, list[Tensor]]  # layers to perturb -> their unit noise xi per call
     rows: tuple[int, int]  # (global batch size, this rank's first row): DDP ranks share a draw
     record: _Record
+    draw: Callable[..., Tensor] = gaussian_noise  # (shape, generator, device, dtype) -> xi
     calls: dict[FeedbackLayer, int] = field(default_factory=dict)  # calls seen in this pass
 
     def forward(self, layer: FeedbackLayer, input: Tensor) -> Tensor:
@@ -274,7 +311,7 @@ class _NoisyPass:
         total, first = self.rows
         generator = layer.feedback_generator(input.device)
         shape = (total, *input.shape[1:])  # the global batch's noise; this rank's rows below
-        xi = torch.randn(shape, generator=generator, device=input.device, dtype=input.dtype)
+        xi = self.draw(shape, generator, input.device, input.dtype)
         xi = xi[first : first + input.shape[0]]
         self.noise[layer].append(xi)
         return input + self.noise_std * xi
@@ -752,6 +789,9 @@ class NodePerturbation(RegressionRule):
         fit: ``"sgd"`` (default) or ``"ridge"`` (online ridge regression, App. C.3).
         gamma: the ridge regularisation, relative to the sum over all examples seen.
         noise_std: ``c_h``, the standard deviation of the activation noise.
+        noise: the unit noise ``xi``: ``"gaussian"`` (the paper's, N(0, I)) or
+            ``"rademacher"`` (+-1 entries: also sub-Gaussian with identity covariance, so the
+            estimator keeps its mean, 004 A1; one random bit per entry, cheaper on a CPU).
         lr_b: B's SGD learning rate (the step on a sum over the minibatch); 0 freezes B (FA).
         shape: ``"fa"`` (``B e_{i+1}``, from the next layer) or ``"dfa"`` (``B e_out``).
         warmup_steps: engaged steps at the start during which only B learns (W frozen).
@@ -774,6 +814,7 @@ class NodePerturbation(RegressionRule):
 
     name = "np"
     noise_std: float = 0.01
+    noise: Literal["gaussian", "rademacher"] = "gaussian"
 
     def validate(self) -> None:
         super().validate()
@@ -784,7 +825,9 @@ class NodePerturbation(RegressionRule):
     ) -> tuple[dict[FeedbackLayer, Tensor], float]:
         assert step.outputs is not None and step.loss is not None
         rows = _global_rows(step.model, int(step.inputs.shape[0]))
-        noisy = _NoisyPass(self.noise_std, {layer: [] for layer in learning}, rows, record)
+        noisy = _NoisyPass(
+            self.noise_std, {layer: [] for layer in learning}, rows, record, NOISES[self.noise]
+        )
         token = _NOISY.set(noisy)
         try:
             with _replay(step, record) as model, torch.no_grad():
