@@ -199,6 +199,7 @@ BAD_INPUT = [
     ),
     (["train", "epochs"], r"an override expects KEY=VALUE"),
     (["train", "epoch=3"], r"unknown setting 'epoch'"),
+    (["train", "--strategy", "zero3"], r"unknown strategy 'zero3'; valid: ddp, fsdp"),
     (["compare", "--rules", "bp,nope"], r"unknown rule 'nope'"),
     (["compare", "--rules", "bp,fa", "--rule-opt", "flip=0.1"], r"no rule in this comparison"),
     (["compare", "--models", "mlp,liao-svhn"], r"model 'liao-svhn' does not fit"),

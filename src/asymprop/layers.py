@@ -215,7 +215,7 @@ class FeedbackLayer(nn.Module):
         whole W exactly as one process would. Otherwise W itself (no copy).
         """
         weight = self.weight.detach()
-        return weight.full_tensor() if is_sharded(weight) else weight
+        return weight.full_tensor() if is_sharded(weight) else weight  # type: ignore[attr-defined]
 
     def _weight_shaped(self) -> Tensor:
         """A tensor of W's shape, dtype and device for ops that read only W's shape (a weight

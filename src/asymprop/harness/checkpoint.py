@@ -14,6 +14,14 @@ any moment leaves either the previous checkpoint or the new one, never half a fi
     >>> write_atomic({"step": 3, "w": torch.zeros(2)}, "run/checkpoint.pt")
     >>> read_checkpoint("run/checkpoint.pt")["step"]
     3
+
+A sharded run (``--strategy fsdp``) keeps its model and optimizer state out of that file:
+:func:`save_sharded` writes them through ``torch.distributed.checkpoint`` (DCP), every rank its
+own shards, into a new folder under ``checkpoint.dcp/`` for every checkpoint; ``checkpoint.pt``
+(everything else, written atomically by rank 0 *after* DCP's collective save has finished on
+every rank) names the folder, and only then are older folders deleted. A kill at any moment
+leaves a ``checkpoint.pt`` whose folder is whole. :func:`load_sharded` loads it on any number of
+ranks (DCP reshards on load).
 """
 
 from __future__ import annotations
@@ -36,13 +44,20 @@ import torch
 from .folders import user_mode
 
 __all__ = [
+    "SHARDED_DIR",
     "CheckpointError",
     "capture_rng",
+    "load_sharded",
     "read_checkpoint",
+    "remove_sharded",
     "restore_rng",
+    "save_sharded",
     "tensor_digest",
     "write_atomic",
 ]
+
+SHARDED_DIR = "checkpoint.dcp"
+"""Folder (beside ``checkpoint.pt``) of the DCP checkpoints of sharded runs, one subfolder each."""
 
 TEMP_PREFIX = ".tmp-"
 """Temporary files start with this (a killed write leaves one; :func:`remove_stale` deletes it)."""
@@ -196,3 +211,79 @@ def read_checkpoint(path: str | os.PathLike[str], device: torch.device | None = 
             f"{path} is not a checkpoint (not a complete torch.save file: truncated, damaged "
             "or another format)"
         ) from err
+
+
+def save_sharded(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: str | os.PathLike[str]
+) -> None:
+    """Write a sharded model's and its optimizer's state with ``torch.distributed.checkpoint``.
+
+    Collective: every rank calls it and writes its own shards (replicated tensors, such as the
+    feedback-weight buffers, once). ``get_model_state_dict`` / ``get_optimizer_state_dict`` give
+    the DTensor state dicts (keys: the module's own names; rule state ``_extra_state`` is
+    saved as an object). An optimizer that has not stepped yet is left out:
+    ``get_optimizer_state_dict`` would create its state by a step with lr 0, which leaves
+    SGD's momentum buffer at ``weight_decay * W`` instead of empty.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    state: dict[str, Any] = {"model": get_model_state_dict(module)}
+    if optimizer.state:
+        state["optimizer"] = get_optimizer_state_dict(module, optimizer)
+    dcp.save(state, checkpoint_id=os.fspath(folder))
+
+
+def load_sharded(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: str | os.PathLike[str]
+) -> None:
+    """Load a :func:`save_sharded` folder into a sharded model and optimizer, in place.
+
+    Collective. Buffers whose shape the first backward fixes (``dfa``'s B, NP's regression
+    sums: empty in a fresh model) are first resized to the shapes DCP's metadata records.
+
+    Raises:
+        CheckpointError: the folder is missing or not a DCP checkpoint.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    path = Path(folder)
+    try:
+        metadata = dcp.FileSystemReader(os.fspath(path)).read_metadata().state_dict_metadata
+    except (OSError, pickle.UnpicklingError, EOFError) as err:
+        raise CheckpointError(
+            f"{path} is not a readable sharded checkpoint ({err}); nothing to resume"
+        ) from err
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            saved = metadata.get(f"model.{name}")
+            size = getattr(saved, "size", None)
+            if size is not None and tuple(size) != tuple(buffer.shape):
+                buffer.resize_(tuple(size))
+    model_state = {"model": get_model_state_dict(module)}
+    dcp.load(model_state, checkpoint_id=os.fspath(path))
+    set_model_state_dict(module, model_state["model"])
+    if any(key.startswith("optimizer.") for key in metadata):
+        optimizer_state = {"optimizer": get_optimizer_state_dict(module, optimizer)}
+        dcp.load(optimizer_state, checkpoint_id=os.fspath(path))
+        set_optimizer_state_dict(module, optimizer, optimizer_state["optimizer"])
+
+
+def remove_sharded(run_dir: str | os.PathLike[str], keep: str | None) -> None:
+    """Delete the DCP folders under ``run_dir/checkpoint.dcp`` but ``keep`` (relative to
+    ``run_dir``, as ``checkpoint.pt`` names it; None: delete them all)."""
+    root = Path(run_dir) / SHARDED_DIR
+    if not root.is_dir():
+        return
+    for folder in root.iterdir():
+        if keep is None or folder != Path(run_dir) / keep:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -10,7 +10,9 @@ it had never stopped (``--epochs`` may be raised; settings that change the compu
 
 Under ``torchrun --nproc_per_node=N -m asymprop train ...`` each process trains on its share of
 every global minibatch (``batch_size`` is the global batch), and only rank 0 writes files and
-prints (docs/distributed.md).
+prints (docs/distributed.md). ``--strategy ddp`` (the default) holds the whole model on every
+process (DistributedDataParallel); ``--strategy fsdp`` shards the parameters over the processes
+(FSDP2's ``fully_shard``; checkpoints through ``torch.distributed.checkpoint``).
 
 Exit codes:
 
@@ -192,6 +194,13 @@ def _common(parser: argparse.ArgumentParser, *, one_run: bool) -> None:
         "--amp", default=s, metavar="MODE", help="mixed precision on GPU: bf16, fp16 or none"
     )
     parser.add_argument(
+        "--strategy",
+        default=s,
+        metavar="NAME",
+        help="under torchrun: ddp (default; whole model on every process) or fsdp (parameters "
+        "sharded over the processes, FSDP2)",
+    )
+    parser.add_argument(
         "--checkpoint-every",
         dest="checkpoint_every_steps",
         type=int,
@@ -361,6 +370,7 @@ _FLAGS_SHARED = (
     "weight_decay",
     "device",
     "amp",
+    "strategy",
     "checkpoint_every_steps",
     "threads",
     "tensorboard",

@@ -77,6 +77,7 @@ def find_config(name: str) -> Path:
 Task = Literal["auto", "classification", "reconstruction"]
 Amp = Literal["none", "bf16", "fp16"]
 OnDivergence = Literal["stop", "skip"]
+Strategy = Literal["ddp", "fsdp"]
 
 RESUMABLE = (
     "epochs",
@@ -212,6 +213,10 @@ class RunConfig:
         explode_factor: a finite loss above this many times the run's first loss counts as
             divergence too (``inf`` turns the check off): a run whose loss explodes without
             becoming NaN stops (exit 3) with its last good checkpoint, instead of "finishing".
+        strategy: how ``torchrun`` processes share the work: ``ddp`` (every process holds the
+            whole model, DistributedDataParallel) or ``fsdp`` (parameters sharded over the
+            processes with FSDP2's ``fully_shard``, checkpoints through
+            ``torch.distributed.checkpoint``; docs/distributed.md). One process: no effect.
     """
 
     rule: str = "bp"
@@ -248,6 +253,7 @@ class RunConfig:
     lr_backoff: float = 0.5
     max_divergence_skips: int = 10
     explode_factor: float = 1e4
+    strategy: str = "ddp"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for ``config.yaml`` (``out`` filled in)."""
@@ -361,6 +367,7 @@ def check_config(config: RunConfig, world_size: int = 1) -> None:
     _choice("task", config.task, list(typing.get_args(Task)))
     _choice("amp", config.amp, list(typing.get_args(Amp)))
     _choice("on_divergence", config.on_divergence, list(typing.get_args(OnDivergence)))
+    _choice("strategy", config.strategy, list(typing.get_args(Strategy)))
     if config.threads is not None and config.threads < 1:
         raise ConfigError(
             f"threads must be >= 1 (or null for torch's default), got {config.threads}"

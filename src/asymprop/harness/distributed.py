@@ -20,28 +20,59 @@ and in a script of your own::
     model = asymprop.convert(build(), "kp", seed=0).to(info.device)
     model = asymprop.harness.distributed.wrap(model, info)  # DDP, or the model itself alone
     ... asymprop.train_step(model, opt, loss_fn, x, y)  # DDP-wrapped models are accepted
+
+**Sharded training (FSDP2).** ``--strategy fsdp`` (:func:`shard`) applies PyTorch's own
+``torch.distributed.fsdp.fully_shard`` instead of DDP: every converted layer (and every converted
+multi-weight module) becomes one FSDP unit, the root module a last one, and each Parameter is
+a ``DTensor`` cut into row shards, one per rank, gathered for each unit's forward and backward
+pass and freed after. What each rule keeps where:
+
+* ``weight``, ``bias`` and every other Parameter, and KP's ``feedback_weight`` (a Parameter):
+  sharded like W; their gradients are reduce-scattered (FSDP's own, instead of DDP's all-reduce);
+* ``feedback_weight`` buffers (``fa``, sign rules, ``wm``, ``np``, ``dfa``'s lazily drawn B) and
+  rule buffers (frSF's M, NP's ridge sums): whole on every rank (FSDP shards Parameters only),
+  kept identical by the reasons above (same seed, same streams, all-reduced fits);
+* the sign rules and ``wm`` read W between steps: ``FeedbackLayer.full_weight`` all-gathers it
+  (``DTensor.full_tensor``), so their B is what one process computes, at the cost of one
+  all-gather of W per layer and step (docs/distributed.md has the bytes);
+* ``np``'s noisy pass is a forward pass without backward: ``asymprop.layers.reshard`` frees the
+  weights it gathered.
+
+Checkpoints of a sharded run go through ``torch.distributed.checkpoint`` (each rank writes its
+shards; :mod:`asymprop.harness.experiment`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..convert import feedback_layers
+from ..convert import feedback_layers, unwrap
+from ..layers import FeedbackContainer, FeedbackLayer, is_sharded, reshard
 
 __all__ = [
+    "STRATEGIES",
     "DistInfo",
     "all_reduce_mean",
     "assert_in_sync",
+    "gathered",
     "init",
+    "is_fsdp",
     "is_main",
+    "shard",
     "wrap",
 ]
+
+STRATEGIES = ("ddp", "fsdp")
+"""How a torchrun job splits the work: ``ddp`` (whole model on every rank, gradients
+all-reduced) or ``fsdp`` (parameters sharded over the ranks, :func:`shard`)."""
 
 
 @dataclass(frozen=True)
@@ -89,16 +120,87 @@ def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
-    """``DistributedDataParallel(model)`` when distributed, else ``model``.
+def wrap(model: nn.Module, info: DistInfo, strategy: str = "ddp") -> nn.Module:
+    """``DistributedDataParallel(model)`` (``ddp``) or the model sharded in place by
+    :func:`shard` (``fsdp``) when distributed, else ``model``.
 
-    Call after ``convert`` (so KP's B is among the parameters DDP reduces) and after moving the
-    model to ``info.device``.
+    Call after ``convert`` (so KP's B is among the parameters DDP reduces or FSDP shards), after
+    moving the model to ``info.device``, and before building the optimizer (under FSDP it must
+    hold the sharded Parameters).
     """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
     if not info.distributed:
         return model
+    if strategy == "fsdp":
+        return shard(model)
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """Shard a converted model over the ranks with FSDP2 (``fully_shard``), in place.
+
+    Every converted layer that holds its weight (a ``FeedbackLinear``, a convolution) becomes one
+    FSDP unit, and so does the module that calls a converted multi-weight module (attention,
+    recurrent layers, bilinear: a transformer block), innermost first; the root module takes the
+    rest (norms, embeddings, biases of unconverted layers). At most a unit's whole weights are
+    gathered at a time in the passes.
+    Call it after ``convert`` and ``.to(device)``, before building the optimizer; returns
+    ``model`` (its class is now also an ``FSDPModule``).
+
+    Example::
+
+        model = asymprop.convert(build(), "wm", seed=0).to(info.device)
+        model = distributed.shard(model)            # parameters are DTensors now
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        asymprop.train_step(model, opt, loss_fn, x[share], y[share])
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    root = unwrap(model)
+    units: dict[int, nn.Module] = {}  # in module order, no module twice
+    for name, module in root.named_modules():
+        if isinstance(module, FeedbackLayer) and "weight" in module._parameters:
+            units.setdefault(id(module), module)  # sites of a multi-weight module own no W
+        elif isinstance(module, FeedbackContainer):
+            # The unit is the block that calls the container: FSDP replaces every input of a
+            # unit by its own autograd node, and attention tells self-attention from
+            # cross-attention by ``query is key`` (a unit of its own would see cross-attention
+            # on three copies: the same values, but other shapes for the rules that record
+            # inputs, wm and np).
+            parent = root.get_submodule(name.rpartition(".")[0]) if "." in name else root
+            units.setdefault(id(parent), parent)
+    ordered = [m for m in root.modules() if id(m) in units and m is not root]
+    for unit in reversed(ordered):  # innermost first: a unit never holds a child unit's weights
+        fully_shard(unit)
+    fully_shard(root)
+    return model
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    """Some module of ``model`` is sharded by FSDP2 (``fully_shard``)."""
+    return any(is_sharded(p) for p in unwrap(model).parameters())
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every Parameter of a sharded model is whole on every rank.
+
+    ``FSDPModule.unshard`` on every unit (one all-gather of all weights), ``reshard`` after: for
+    what reads the weights outside a forward pass and knows nothing of shards (``alignment``,
+    the divergence report). It holds the whole model on each rank for the block. A no-op
+    without FSDP.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in unwrap(model).modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        reshard(unwrap(model))
 
 
 def all_reduce_mean(value: float | Tensor) -> float:
@@ -115,12 +217,16 @@ def all_reduce_mean(value: float | Tensor) -> float:
 def assert_in_sync(model: nn.Module) -> None:
     """Raise if any weight, feedback weight or rule state differs between ranks (bit for bit).
 
-    A cheap check to run every few epochs: one all-gather of a checksum per tensor.
+    A cheap check to run every few epochs: one all-gather of a checksum per tensor. Under FSDP
+    the sharded Parameters are left out (each rank holds other rows); the buffers (feedback
+    weights of every rule but KP) and the rule state are compared.
     """
     if not dist.is_initialized():
         return
     names, sums = [], []
     for name, tensor in model.state_dict().items():
+        if is_sharded(tensor):  # FSDP: each rank holds other rows by design
+            continue
         if torch.is_tensor(tensor) and tensor.numel():
             names.append(name)
             # Bitwise checksum: reinterpret as integers so -0.0 vs 0.0 and NaN payloads count.

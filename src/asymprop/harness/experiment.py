@@ -46,7 +46,11 @@ wrapped in ``DistributedDataParallel``; ``batch_size`` is the *global* batch: ea
 minibatch (the same as in one process) is cut into ``world_size`` equal shares, rank ``r``
 training on share ``r``, so a run on N processes equals a one-process run up to float rounding
 (as a ``DistributedSampler`` would shard it, but with the one-process batches). The training
-loss and the test metrics are reduced over ranks, and only rank 0 writes files.
+loss and the test metrics are reduced over ranks, and only rank 0 writes files. With
+``strategy: fsdp`` the converted model is sharded instead (FSDP2's ``fully_shard``, see
+:func:`asymprop.harness.distributed.shard`) before the optimizer is built; its checkpoints
+put the model and optimizer state in a ``torch.distributed.checkpoint`` folder that every rank
+writes (:func:`~asymprop.harness.checkpoint.save_sharded`), named by ``checkpoint.pt``.
 
 The task follows from the model: a model whose output has one value per class is trained with
 cross-entropy (classification); one whose output is the flattened input (the autoencoder) with
@@ -75,16 +79,21 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data import Dataset as TorchDataset
 
 from ..convert import convert, feedback_layers
+from ..layers import reshard
 from ..metrics import alignment, delta_alignment
 from ..mirror import mirror
 from ..optim import make_optimizer
 from ..train import DivergenceError, train_step
 from .checkpoint import (
+    SHARDED_DIR,
     CheckpointError,
     capture_rng,
+    load_sharded,
     read_checkpoint,
+    remove_sharded,
     remove_stale,
     restore_rng,
+    save_sharded,
     tensor_digest,
     write_atomic,
 )
@@ -98,7 +107,7 @@ from .config import (
     resolve_device,
 )
 from .data import Dataset, load_dataset
-from .distributed import DistInfo, wrap
+from .distributed import DistInfo, gathered, wrap
 from .guard import StopSignals, first_nonfinite, largest_weight, stalled
 from .models import build_model
 from .records import METRIC_COLUMNS, append_row, layer_columns, write_csv, write_yaml
@@ -186,6 +195,8 @@ class Run:
     scaler: torch.amp.GradScaler | None = None
     rank: int = 0
     world_size: int = 1
+    sharded: bool = False  # FSDP2: parameters are DTensor shards, checkpoints go through DCP
+    saves: int = 0  # checkpoints written (names the DCP folder of each)
     # --- position ---
     epoch: int = 0  # epochs finished
     step: int = 0  # steps taken (engaged or mirror), all epochs together
@@ -298,7 +309,8 @@ def prepare(
         config: the run.
         cache: datasets shared between runs.
         dist_info: this process's place in a torchrun job (``asymprop.harness.distributed.init()``);
-            the model is wrapped in ``DistributedDataParallel`` when there are several.
+            the model is wrapped in ``DistributedDataParallel`` when there are several, or
+            sharded in place with FSDP2 (``config.strategy == "fsdp"``).
 
     Raises:
         ConfigError, ValueError, TypeError: bad setting (names it and the valid values).
@@ -335,6 +347,10 @@ def prepare(
             f"{config.data!r}"
         )
     module = convert(module, config.rule, seed=config.seed, **config.rule_options).to(device)
+    sharded = dist_info is not None and dist_info.distributed and config.strategy == "fsdp"
+    if sharded:  # before the optimizer: it must hold the sharded Parameters
+        assert dist_info is not None
+        module = wrap(module, dist_info, "fsdp")
     momentum = config.momentum
     if momentum is None:
         momentum = 0.0 if config.optimizer in ("adam", "adamw") else 0.9
@@ -357,7 +373,7 @@ def prepare(
     model = module
     if config.amp != "none":
         model = Autocast(model, device.type, _AMP_DTYPES[config.amp])
-    if dist_info is not None:
+    if dist_info is not None and not sharded:
         model = wrap(model, dist_info)
     loss_fn = F.cross_entropy if task == "classification" else reconstruction_loss
     inputs, labels = _first(dataset.test, config.align_batch_size)
@@ -377,6 +393,7 @@ def prepare(
         scaler=torch.amp.GradScaler(device.type) if config.amp == "fp16" else None,
         rank=dist_info.rank if dist_info is not None else 0,
         world_size=world_size,
+        sharded=sharded,
     )
 
 
@@ -617,11 +634,12 @@ def _back_off(run: Run, what: str) -> None:
 
 def _culprit(run: Run) -> str:
     """Where the trouble is: the first non-finite tensor, or the layer with the largest weight."""
-    bad = first_nonfinite(run.module)
+    bad = _first_nonfinite(run)
     if bad is not None:
         layer, attr, kind = bad
         return f"{attr} of layer {layer!r} is {kind}"
-    largest = largest_weight(run.module)
+    with gathered(run.module) if run.sharded else contextlib.nullcontext():
+        largest = largest_weight(run.module)
     if largest is None:
         return "the weights are finite"
     return (
@@ -631,7 +649,7 @@ def _culprit(run: Run) -> str:
 
 def _check_state(run: Run, epoch: int) -> None:
     """Scan weights, feedback weights and rule buffers; stop or roll back on NaN/inf."""
-    bad = first_nonfinite(run.module)
+    bad = _first_nonfinite(run)
     if bad is None:
         return
     layer, attr, kind = bad
@@ -640,6 +658,19 @@ def _check_state(run: Run, epoch: int) -> None:
     if config.on_divergence == "skip" and run.divergence_skips < config.max_divergence_skips:
         raise _Rollback(f"after step {run.step}: {what}")
     raise _diverged(run, epoch, run.step, f"{what} after this step")
+
+
+def _first_nonfinite(run: Run) -> tuple[str, str, str] | None:
+    """``guard.first_nonfinite`` of the model; sharded, the first rank's finding (every rank
+    scans its own shards, and all must agree on stopping)."""
+    bad = first_nonfinite(run.module)
+    if not run.sharded:
+        return bad
+    if not _any_rank(run, bad is not None):  # one all-reduce of a flag when all is finite
+        return None
+    found: list[Any] = [None] * run.world_size
+    dist.all_gather_object(found, bad)
+    return next(tuple(b) for b in found if b is not None)
 
 
 def _diverged(run: Run, epoch: int, step: int, what: str) -> RunDivergedError:
@@ -693,16 +724,25 @@ def evaluate(run: Run) -> dict[str, float]:
                 if run.task == "classification":
                     correct += int((outputs.argmax(dim=1) == labels).sum())
                 count += len(inputs)
+            if run.sharded:  # every forward pass is collective: all ranks run as many
+                starts = range(0, len(run.dataset.test), EVAL_BATCH_SIZE)  # type: ignore[arg-type]
+                most = -(-len(starts) // run.world_size)
+                mine = len(starts[run.rank :: run.world_size])
+                for _ in range(most - mine):
+                    model(run.probe[0])  # not scored
+        reshard(model)  # FSDP: no backward frees what the test passes gathered
         # Delta alignment in training mode: the errors the rule sends while it learns.
         model.train()
         deltas = delta_alignment(model, run.loss_fn, *run.probe)
+        reshard(model)
     model.train(was_training)
     total, hits, n = _reduce_sum(run, [loss_sum, correct, count])
     metrics = {
         "test_loss": total / n,
         "test_accuracy": hits / n if run.task == "classification" else math.nan,
     }
-    angles = alignment(model)
+    with gathered(model) if run.sharded else contextlib.nullcontext():
+        angles = alignment(model)  # B against the whole W
     for layer in run.layers:
         metrics[f"angle_deg/{layer}"] = angles[layer]["angle_deg"]
         metrics[f"sign_concordance/{layer}"] = angles[layer]["sign_concordance"]
@@ -721,6 +761,19 @@ def save_checkpoint(run: Run, path: str | Path) -> None:
     position, learning-rate scale and the ``metrics.csv`` rows so far.
     """
     run.saved_step = run.step
+    # Each rank's share of the epoch's loss so far (its own batches): a resumed rank continues
+    # from its own sums, so the epoch's mean is the uninterrupted run's, bit for bit.
+    losses = [[run.loss_sum, float(run.loss_count)]]
+    if run.world_size > 1:
+        local = torch.tensor(losses[0], dtype=torch.float64, device=_comm_device(run))
+        gathered_losses = [torch.zeros_like(local) for _ in range(run.world_size)]
+        dist.all_gather(gathered_losses, local)
+        losses = [t.tolist() for t in gathered_losses]
+    sharded = None
+    if run.sharded:  # every rank writes its shards; a new folder each time (atomic: see below)
+        run.saves += 1
+        sharded = f"{SHARDED_DIR}/step{run.step:09d}-{run.saves}"
+        save_sharded(run.module, run.optimizer, Path(path).parent / sharded)
     if not run.is_main:
         return
     seconds = run.seconds + time.perf_counter() - run.epoch_started if run.batch else 0.0
@@ -732,19 +785,24 @@ def save_checkpoint(run: Run, path: str | Path) -> None:
         "batch": run.batch,
         "loss_sum": run.loss_sum,
         "loss_count": run.loss_count,
+        "rank_losses": losses,  # [[loss_sum, loss_count] of rank r, ...]
         "seconds": seconds,
         "lr_scale": run.lr_scale,
         "divergence_skips": run.divergence_skips,
         "skipped_step": run.skipped_step,
         "first_loss": run.first_loss,
         "rows": run.rows,
-        "model": (model := run.module.state_dict()),
+        "model": (model := {} if sharded else run.module.state_dict()),
         "digest": tensor_digest(model),
-        "optimizer": run.optimizer.state_dict(),
+        "optimizer": None if sharded else run.optimizer.state_dict(),
+        "sharded": sharded,  # the DCP folder holding model and optimizer, or None
+        "saves": run.saves,
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "rng": capture_rng([run.device]),
     }
     write_atomic(state, path)
+    if sharded is not None:  # checkpoint.pt names the new folder now: the old ones can go
+        remove_sharded(Path(path).parent, keep=sharded)
 
 
 def load_checkpoint(run: Run, path: str | Path) -> None:
@@ -766,13 +824,31 @@ def load_checkpoint(run: Run, path: str | Path) -> None:
             f"{path} was written by a run with other settings ({', '.join(changed)}); only "
             f"{', '.join(RESUMABLE)} may change on resume"
         )
-    run.module.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    sharded = state.get("sharded")
+    if (sharded is not None) != run.sharded:
+        written = "a sharded (fsdp) run" if sharded is not None else "an unsharded run"
+        raise CheckpointError(
+            f"{path} was written by {written}; this run is "
+            f"{'sharded' if run.sharded else 'not sharded'}: resume under torchrun with "
+            "the same --strategy and several processes, or one process for an unsharded one"
+        )
+    if sharded is not None:  # collective: DCP reads every rank's shards
+        load_sharded(run.module, run.optimizer, Path(path).parent / sharded)
+    else:
+        run.module.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+    run.saves = state.get("saves", 0)
     if run.scaler is not None and state["scaler"] is not None:
         run.scaler.load_state_dict(state["scaler"])
     restore_rng(state["rng"])
     run.epoch, run.step, run.batch = state["epoch"], state["step"], state["batch"]
     run.loss_sum, run.loss_count = state["loss_sum"], state["loss_count"]
+    losses = state.get("rank_losses")  # absent in checkpoints of earlier versions
+    if losses is not None and len(losses) == run.world_size:
+        run.loss_sum, run.loss_count = losses[run.rank][0], int(losses[run.rank][1])
+    elif losses is not None:  # another process count: the whole sums on rank 0
+        total = [sum(r[0] for r in losses), sum(int(r[1]) for r in losses)]
+        run.loss_sum, run.loss_count = (total[0], total[1]) if run.is_main else (0.0, 0)
     run.seconds, run.lr_scale = state["seconds"], state["lr_scale"]
     run.divergence_skips, run.rows = state["divergence_skips"], list(state["rows"])
     run.skipped_step = state["skipped_step"]

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..convert import unwrap
+from ..layers import is_sharded
 
 __all__ = ["NonFinite", "StopSignals", "first_nonfinite", "largest_weight", "stalled"]
 
@@ -37,15 +38,19 @@ NonFinite = tuple[str, str, str]
 def first_nonfinite(model: nn.Module) -> NonFinite | None:
     """The first floating-point entry of ``model.state_dict()`` holding NaN or inf, or None.
 
+    Of a sharded (FSDP) model each rank scans its own shards (no communication): the caller
+    combines the ranks' answers.
+
     Example:
         >>> first_nonfinite(model)
         ('features.3', 'feedback_weight', 'nan')
     """
     named = [
-        (name, t)
+        (name, t.to_local() if is_sharded(t) else t)  # type: ignore[attr-defined]
         for name, t in unwrap(model).state_dict().items()
         if torch.is_tensor(t) and t.is_floating_point() and t.numel()
     ]
+    named = [(name, t) for name, t in named if t.numel()]  # a rank may hold no rows
     if not named:
         return None
     finite = torch.stack([torch.isfinite(t).all() for _, t in named])  # (tensors,) bool
