@@ -30,7 +30,7 @@ from torch import nn
 
 import asymprop
 
-RULES = ["bp", "fa", "usf", "brsf", "kp", "wm", "dfa", "np"]
+RULES = ["bp", "fa", "usf", "brsf", "kp", "wm", "dfa", "np", "nusf", "frsf", "rndf", "matched"]
 STEPS, BATCH, WORLD = 5, 8, 2
 
 
