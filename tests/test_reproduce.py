@@ -261,7 +261,7 @@ def test_layer_groups_follow_the_module_paths() -> None:
         "rnn.ih_l1_reverse": "recurrent W_ih",
         "embed": "embedding",
         "features.4": "conv",
-        "classifier.3": "head",
+        "classifier.3": "fully connected",
         "head": "head",
         "something.else": "other",
     }

@@ -968,7 +968,8 @@ LAYER_GROUPS: tuple[tuple[str, str], ...] = (
     ("recurrent W_ih", r"(^|\.)ih_l\d+(_reverse)?$"),
     ("embedding", r"(^|\.)embed$"),
     ("conv", r"^features\."),
-    ("head", r"(^|\.)(head|classifier\.\d+)$"),
+    ("fully connected", r"^classifier\.\d+$"),
+    ("head", r"(^|\.)head$"),
 )
 """Layer groups of the study's tables and figures: ``(label, regex on the module path)``; the
 first match wins, a layer that matches none is in ``other``."""
