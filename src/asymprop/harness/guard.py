@@ -42,8 +42,12 @@ def first_nonfinite(model: nn.Module) -> NonFinite | None:
     combines the ranks' answers.
 
     Example:
+        >>> model = asymprop.convert(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), "usf")
+        >>> first_nonfinite(model) is None
+        True
+        >>> model[1].feedback_weight[0, 0] = float("nan")
         >>> first_nonfinite(model)
-        ('features.3', 'feedback_weight', 'nan')
+        ('1', 'feedback_weight', 'nan')
     """
     named = [
         (name, t.to_local() if is_sharded(t) else t)  # type: ignore[attr-defined]
