@@ -22,6 +22,8 @@ for a full run from a checkout).
 | ``lansdell-mlp`` | 004 Fig. 2, 4 | NP vs FA vs BP in a 784-50-20-10 sigmoid MSE net; fixed W |
 | ``lansdell-autoencoder`` | 004 Table 2a, Fig. 3 | the 784-200-2-200-784 autoencoder |
 | ``feedback-convergence`` | 003 eq. 14, 000 eq. 21 | KP's B - W decay, WM's mirror mode: theory |
+| ``study-vit-fashion-mnist`` | beyond the seeds | every rule in a small ViT, verdicts vs criteria |
+| ``study-mnist1d-sequence`` | beyond the seeds | the same for a conv1d, a transformer and a GRU |
 
 Classification items use the ordinary run loop (:func:`asymprop.harness.experiment.train`); the
 Lansdell items need an MSE loss on one-hot targets, activation or input noise and per-step
@@ -1283,7 +1285,7 @@ def run_item(
     """Run one item; write ``results.csv``, ``table.md`` and figures to ``out/<name>/``.
 
     ``figures``: also copy the figures there (``docs/figures`` for the report). ``reuse``: runs
-    of the Akrout and Liao items that already finished with the same settings in ``out`` are
+    of the Akrout, Liao and study items that already finished with the same settings in ``out`` are
     read back instead of trained again (adding seeds or table entries trains only the new runs).
     """
     if name not in ITEMS:
@@ -1319,7 +1321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--reuse",
         action="store_true",
         help="read back runs that already finished with the same settings instead of training "
-        "them again (Akrout and Liao items)",
+        "them again (Akrout, Liao and study items)",
     )
     parser.add_argument(
         "--no-figures",
