@@ -10,12 +10,11 @@ from typing import Any
 import pytest
 
 from asymprop.harness.experiment import DataCache
+from asymprop.harness.papers.common import classification_run
+from asymprop.harness.papers.convergence import _kp_curve, _wm_curve
 from asymprop.harness.records import read_csv
 from asymprop.harness.reproduce import (
     ITEMS,
-    _classification_run,
-    _kp_curve,
-    _wm_curve,
     item_config,
     layer_group,
     liao_entry,
@@ -97,7 +96,7 @@ def test_wm_angle_reaches_the_predicted_plateau() -> None:
 
 def _delta_angle(rule: str, tmp_path: Path, cache: DataCache, **extra: Any) -> float:
     settings = {**DIGITS, **extra, "rule": rule, "seed": 0}
-    rows = _classification_run(settings, tmp_path / rule, cache)
+    rows = classification_run(settings, tmp_path / rule, cache)
     values = [v for k, v in rows[-1].items() if k.startswith("delta_angle_deg/")]
     finite = [v for v in values if math.isfinite(v)]
     return sum(finite) / len(finite)
@@ -134,7 +133,7 @@ def test_usf_bn_bm_keeps_up_with_sgd_and_clamping_stops_random_feedback(tmp_path
             },
         }
         slug = entry.replace(" ", "-").replace("+", "_")
-        rows = _classification_run(settings, tmp_path / slug, cache, spec["freeze"])
+        rows = classification_run(settings, tmp_path / slug, cache, spec["freeze"])
         return 1 - float(rows[-1]["test_accuracy"])
 
     sgd = error("SGD", 0.05)
@@ -160,31 +159,31 @@ def test_reuse_reads_back_a_finished_run_and_only_that(
 ) -> None:
     """``--reuse``: a finished run of the same settings is read back, not trained again; a run
     with other settings, or one that did not reach its last epoch, is trained."""
-    import asymprop.harness.reproduce as reproduce
+    import asymprop.harness.papers.common as common
 
     settings = {**DIGITS, "epochs": 1, "rule": "fa", "seed": 0, "train_size": 200}
     cache: DataCache = {}
-    first = _classification_run(settings, tmp_path / "run", cache)
+    first = classification_run(settings, tmp_path / "run", cache)
     trained: list[str] = []
-    real_train = reproduce.train
+    real_train = common.train
 
     def counting_train(config: Any, **kwargs: Any) -> Any:
         trained.append(str(config.run_dir))
         return real_train(config, **kwargs)
 
-    monkeypatch.setattr(reproduce, "train", counting_train)
-    again = _classification_run(settings, tmp_path / "run", cache, reuse=True)
+    monkeypatch.setattr(common, "train", counting_train)
+    again = classification_run(settings, tmp_path / "run", cache, reuse=True)
     assert trained == []
     assert [r.keys() for r in again] == [r.keys() for r in first]
     assert [r["test_accuracy"] for r in again] == [r["test_accuracy"] for r in first]
-    _classification_run({**settings, "lr": 0.01}, tmp_path / "run", cache, reuse=True)
+    classification_run({**settings, "lr": 0.01}, tmp_path / "run", cache, reuse=True)
     assert len(trained) == 1  # other settings: trained again, and overwrote the directory
-    _classification_run({**settings, "lr": 0.01}, tmp_path / "run", cache, reuse=False)
+    classification_run({**settings, "lr": 0.01}, tmp_path / "run", cache, reuse=False)
     assert len(trained) == 2  # without reuse: always trained
     (tmp_path / "run" / "metrics.csv").write_text(
         (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0] + "\n"
     )
-    _classification_run({**settings, "lr": 0.01}, tmp_path / "run", cache, reuse=True)
+    classification_run({**settings, "lr": 0.01}, tmp_path / "run", cache, reuse=True)
     assert len(trained) == 3  # unfinished: trained
 
 

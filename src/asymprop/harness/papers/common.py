@@ -1,0 +1,171 @@
+"""What the papers' items share: their result, the ordinary run of one setting (with
+``--reuse`` and Liao's clamped layers), tables of mean ± s.e. over seeds, and figures."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ...convert import feedback_layers
+from ..config import config_from_dict
+from ..experiment import DataCache, RunConfig, prepare, train
+from ..records import mean_se, read_csv, read_yaml
+
+log = logging.getLogger(__name__)
+
+DPI = 100
+MAX_PNG_BYTES = 150_000
+"""Figures larger than this are saved with a 64-colour palette (the report keeps them small)."""
+
+
+@dataclass
+class ItemResult:
+    """What an item produced: its table (markdown), figures, rows and wall time."""
+
+    name: str
+    table: str
+    figures: list[Path]
+    rows: list[dict[str, Any]]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def fmt(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
+    mean, se, _ = mean_se(values)
+    if not math.isfinite(mean):
+        return "-"
+    text = f"{mean * scale:.{digits}f}"
+    return text if not math.isfinite(se) else f"{text} ± {se * scale:.{digits}f}"
+
+
+def seed_table(
+    headers: Sequence[str],
+    rows: Sequence[Mapping[str, Any]],
+    key: str,
+    groups: Sequence[tuple[str, Any]],
+    columns: Sequence[tuple[str, float, int]],
+) -> str:
+    """Markdown, one line per ``(label, value)`` of ``groups``: the rows whose ``key`` is
+    ``value``, each column ``(field, scale, digits)`` as mean ± s.e. over them (:func:`fmt`)."""
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    for label, value in groups:
+        mine = [r for r in rows if r[key] == value]
+        cells = [fmt([r[field] for r in mine], scale, digits) for field, scale, digits in columns]
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def figure(rows: int, cols: int, width: float = 3.2, height: float = 2.6) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    return fig, axes
+
+
+def save_figure(fig: Any, path: Path, dpi: int = DPI) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    if path.stat().st_size > MAX_PNG_BYTES:  # scatter plots: a 64-colour palette is plenty
+        from PIL import Image
+
+        with Image.open(path) as image:
+            small = image.convert("RGB").quantize(colors=64, method=Image.Quantize.MEDIANCUT)
+        small.save(path, optimize=True)
+    return path
+
+
+def finished_rows(config: RunConfig) -> list[dict[str, Any]] | None:
+    """The ``metrics.csv`` rows of a finished run of exactly ``config`` in its directory, or None.
+
+    Finished: ``config.yaml`` there describes the same run (settings added since it was written
+    compare at their defaults) and ``metrics.csv`` reaches the last epoch.
+    """
+    directory = config.run_dir
+    try:
+        stored = config_from_dict(RunConfig, read_yaml(directory / "config.yaml"))
+        rows = read_csv(directory / "metrics.csv")
+    except (OSError, ValueError, TypeError):
+        return None
+    if stored.to_dict() != config.to_dict() or not rows or rows[-1]["epoch"] != config.epochs:
+        return None
+    return rows
+
+
+def classification_run(
+    settings: Mapping[str, Any],
+    out: Path,
+    cache: DataCache,
+    freeze: str | None = None,
+    reuse: bool = False,
+) -> list[dict[str, Any]]:
+    """One :func:`asymprop.harness.experiment.train` run; ``freeze`` clamps layers (Liao's C2).
+
+    ``freeze="bottom"``: the last layer keeps its random initial weights and only the layers
+    below learn; ``"top"``: only the last layer learns. Clamped parameters are taken out of the
+    optimizer, so they never move, while errors still flow through them. ``reuse``: return the
+    rows of a finished run of the same settings already in ``out`` (:func:`finished_rows`).
+    """
+    config = RunConfig(**{**settings, "out": str(out)})
+    if reuse and (rows := finished_rows(config)) is not None:
+        log.info("reusing the finished run in %s", out)
+        return rows
+    run = prepare(config, cache)
+    if freeze is not None:
+        last = {id(p) for p in feedback_layers(run.module)[-1][1].parameters()}
+        everything = {id(p) for p in run.module.parameters()}
+        if freeze == "bottom":
+            frozen = last
+        elif freeze == "top":
+            frozen = everything - last
+        else:
+            raise ValueError(f"freeze must be 'bottom' or 'top', not {freeze!r}")
+        for group in run.optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in frozen]
+    return train(config, run=run, plots=False)
+
+
+def final_mean(rows: Sequence[Mapping[str, Any]], prefix: str) -> float:
+    """Mean over layers of a per-layer metric in the last row (NaNs skipped)."""
+    values = [v for k, v in rows[-1].items() if k.startswith(prefix) and math.isfinite(v)]
+    return float(np.mean(values)) if values else math.nan
+
+
+def minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, n - batch_size + 1, batch_size):
+        yield order[start : start + batch_size]
+
+
+@dataclass
+class threads:  # noqa: N801 (a context manager used like a function)
+    n: int
+
+    def __enter__(self) -> None:
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.before)
+
+
+def nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
