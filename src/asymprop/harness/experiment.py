@@ -1076,6 +1076,10 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+torch_threads = _torch_threads
+"""The public name of :func:`_torch_threads` (the papers' items run their loops on one thread)."""
+
+
 def _tensorboard(out: Path) -> Any:
     from torch.utils.tensorboard import SummaryWriter
 

@@ -34,6 +34,7 @@ __all__ = [
     "RESULT_COLUMNS",
     "append_row",
     "format_mean_se",
+    "format_values",
     "layer_columns",
     "layers_of",
     "mean_se",
@@ -293,6 +294,17 @@ def format_mean_se(mean: float, se: float, digits: int = 3, scale: float = 1.0) 
         return "-"
     text = f"{mean * scale:.{digits}f}"
     return text if not math.isfinite(se) else f"{text} ± {se * scale:.{digits}f}"
+
+
+def format_values(values: Iterable[float], digits: int = 3, scale: float = 1.0) -> str:
+    """:func:`format_mean_se` of :func:`mean_se` of ``values`` (their finite ones).
+
+    Example:
+        >>> format_values([0.25, 0.27], digits=1, scale=100)
+        '26.0 ± 1.0'
+    """
+    mean, se, _ = mean_se(values)
+    return format_mean_se(mean, se, digits, scale)
 
 
 _TABLE_COLUMNS = (

@@ -32,12 +32,11 @@ registers them (:data:`ITEMS`), runs them and writes their tables.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import os
 import shutil
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,7 @@ from .papers.convergence import feedback_convergence
 from .papers.lansdell import lansdell_autoencoder, lansdell_mlp
 from .papers.liao import liao, liao_best, liao_entry
 from .papers.study import layer_group, study, study_verdict, study_verdicts
-from .records import read_yaml
+from .records import read_yaml, write_csv
 
 __all__ = [
     "ITEMS",
@@ -77,18 +76,6 @@ def item_config(name: str, quick: bool = False) -> dict[str, Any]:
     if quick:
         config.update(overrides)
     return config
-
-
-def _write_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in columns})
 
 
 # --- the suite ------------------------------------------------------------------------------------
@@ -129,7 +116,7 @@ def run_item(
     directory = Path(out) / name
     directory.mkdir(parents=True, exist_ok=True)
     result = ITEMS[name](name, config, directory)
-    _write_rows(directory / "results.csv", result.rows)
+    write_csv(directory / "results.csv", result.rows)
     command = f"python -m asymprop.harness.reproduce --only {name}" + (" --quick" if quick else "")
     (directory / "table.md").write_text(
         f"{result.table}\n\nWall time: {result.seconds:.0f} s (`{command}`)\n"

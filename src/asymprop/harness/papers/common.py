@@ -17,7 +17,7 @@ from torch import Tensor
 from ...convert import feedback_layers
 from ..config import config_from_dict
 from ..experiment import DataCache, RunConfig, prepare, train
-from ..records import mean_se, read_csv, read_yaml
+from ..records import format_values, read_csv, read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +41,6 @@ class ItemResult:
 # --- helpers ------------------------------------------------------------------------------------
 
 
-def fmt(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
-    mean, se, _ = mean_se(values)
-    if not math.isfinite(mean):
-        return "-"
-    text = f"{mean * scale:.{digits}f}"
-    return text if not math.isfinite(se) else f"{text} ± {se * scale:.{digits}f}"
-
-
 def seed_table(
     headers: Sequence[str],
     rows: Sequence[Mapping[str, Any]],
@@ -57,11 +49,15 @@ def seed_table(
     columns: Sequence[tuple[str, float, int]],
 ) -> str:
     """Markdown, one line per ``(label, value)`` of ``groups``: the rows whose ``key`` is
-    ``value``, each column ``(field, scale, digits)`` as mean ± s.e. over them (:func:`fmt`)."""
+    ``value``, each column ``(field, scale, digits)`` as mean ± s.e. over them
+    (:func:`~asymprop.harness.records.format_values`)."""
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
     for label, value in groups:
         mine = [r for r in rows if r[key] == value]
-        cells = [fmt([r[field] for r in mine], scale, digits) for field, scale, digits in columns]
+        cells = [
+            format_values([r[field] for r in mine], digits, scale)
+            for field, scale, digits in columns
+        ]
         lines.append("| " + " | ".join([label, *cells]) + " |")
     return "\n".join(lines)
 
@@ -152,18 +148,6 @@ def minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator
     order = torch.randperm(n, generator=generator)
     for start in range(0, n - batch_size + 1, batch_size):
         yield order[start : start + batch_size]
-
-
-@dataclass
-class threads:  # noqa: N801 (a context manager used like a function)
-    n: int
-
-    def __enter__(self) -> None:
-        self.before = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self.before)
 
 
 def nanmean(values: Sequence[float]) -> float:

@@ -19,13 +19,13 @@ from ...metrics import alignment
 from ...mirror import mirror
 from ...train import train_step
 from ..data import load_dataset
+from ..experiment import torch_threads
 from ..models import build_model
 from .common import (
     ItemResult,
     figure,
     minibatches,
     save_figure,
-    threads,
 )
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def feedback_convergence(name: str, config: dict[str, Any], out: Path) -> ItemRe
     x, y = data.train.tensors  # type: ignore[attr-defined]
     rows: list[dict[str, Any]] = []
     kp_curves, wm_curves = {}, {}
-    with threads(1):
+    with torch_threads(1):
         for wd in config["kp"]["weight_decay"]:
             kp_curves[wd] = _kp_curve(config, wd, x, y)
             rows.append({"rule": "kp", "setting": f"lambda={wd}", **kp_curves[wd][-1]})

@@ -20,15 +20,15 @@ from ...metrics import alignment, delta_alignment
 from ...optim import make_optimizer
 from ...train import DivergenceError, train_step
 from ..data import load_dataset
+from ..experiment import torch_threads
 from ..models import build_model
+from ..records import format_values
 from .common import (
     ItemResult,
     figure,
-    fmt,
     minibatches,
     save_figure,
     seed_table,
-    threads,
 )
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def lansdell_mlp(name: str, config: dict[str, Any], out: Path) -> ItemResult:
     probe = (x_test[:256], y_test[:256])
     rows: list[dict[str, Any]] = []
     curves: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    with threads(1):
+    with torch_threads(1):
         for label, spec in config["methods"].items():
             for seed in config["seeds"]:
                 curve = _lansdell_train(config, spec, seed, x_train, y_train, probe)
@@ -108,7 +108,7 @@ def lansdell_mlp(name: str, config: dict[str, Any], out: Path) -> ItemResult:
     for label in config["methods"]:
         mine = [r for r in rows if r["part"] == "train" and r["method"] == label]
         lines.append(
-            f"| {label} | {fmt([r['test_error'] for r in mine], 100)} | "
+            f"| {label} | {format_values([r['test_error'] for r in mine], 1, 100)} | "
             + " | ".join(
                 _pair(mine, m) for m in ("rel_error", "sign_concordance", "delta_angle_deg")
             )
@@ -141,7 +141,7 @@ def lansdell_mlp(name: str, config: dict[str, Any], out: Path) -> ItemResult:
 
 def _pair(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
     digits = 1 if metric == "delta_angle_deg" else 2
-    return " / ".join(fmt([r[f"{metric}/{i}"] for r in rows], 1, digits) for i in (2, 3))
+    return " / ".join(format_values([r[f"{metric}/{i}"] for r in rows], digits) for i in (2, 3))
 
 
 def _lansdell_train(
@@ -273,7 +273,7 @@ def lansdell_autoencoder(name: str, config: dict[str, Any], out: Path) -> ItemRe
     x_test, y_test = x_test[: config["test_size"]], y_test[: config["test_size"]]
     rows: list[dict[str, Any]] = []
     models: dict[str, nn.Module] = {}
-    with threads(1):
+    with torch_threads(1):
         for label, spec in config["methods"].items():
             for seed in config["seeds"]:
                 model, train_loss = _ae_train(config, spec, seed, x_train)

@@ -14,12 +14,11 @@ import numpy as np
 
 from ...train import DivergenceError
 from ..experiment import DataCache
-from ..records import mean_se
+from ..records import format_values, mean_se
 from .common import (
     ItemResult,
     classification_run,
     figure,
-    fmt,
     save_figure,
 )
 
@@ -119,7 +118,7 @@ def liao(name: str, config: dict[str, Any], out: Path) -> ItemResult:
     tables = []
     for title, names in config["tables"].items():
         lines = [f"**{title}**", "", "| entry | test error (%) | best lr |", "| --- | --- | --- |"]
-        lines += [f"| {e} | {fmt(best[e][1], 100, 2)} | {best[e][0]:g} |" for e in names]
+        lines += [f"| {e} | {format_values(best[e][1], 2, 100)} | {best[e][0]:g} |" for e in names]
         tables.append("\n".join(lines))
     figures = [_liao_figure(config, best, out / f"{name}.png")]
     return ItemResult(name, "\n\n".join(tables), figures, rows, time.perf_counter() - started)

@@ -15,12 +15,11 @@ import numpy as np
 
 from ...train import DivergenceError
 from ..experiment import DataCache, RunConfig, load_data
-from ..records import layers_of, mean_se, read_csv
+from ..records import format_values, layers_of, mean_se, read_csv
 from .common import (
     ItemResult,
     classification_run,
     figure,
-    fmt,
     nanmean,
     save_figure,
 )
@@ -242,8 +241,8 @@ def _study_tables(
         claim = criteria.get(rule, {}).get("claim", "-")
         met, why = verdicts.get(rule, (None, ""))
         verdict = "-" if met is None else f"{'holds' if met else 'fails'} ({why})"
-        error = fmt(errors, 100) + (f" ({diverged} diverged)" if diverged else "")
-        seconds = fmt([r["seconds"] for r in mine], 1, 0)
+        error = format_values(errors, 1, 100) + (f" ({diverged} diverged)" if diverged else "")
+        seconds = format_values([r["seconds"] for r in mine], 0)
         name = STUDY_LABELS.get(rule, rule)
         lines.append(f"| {name} | {error} | {gap} | {claim} | {verdict} | {seconds} |")
     for metric, title in STUDY_METRICS:
