@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_leaves
 import asymprop
 from asymprop.harness import distributed
 
-RULES = ["bp", "fa", "usf", "brsf", "frsf", "kp", "wm", "dfa", "np", "matched"]
+RULES = ["bp", "fa", "usf", "brsf", "frsf", "kp", "wm", "dfa", "np", "sg", "matched"]
 
 
 class Net(nn.Module):

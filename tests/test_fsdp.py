@@ -30,7 +30,8 @@ from torch import nn
 
 import asymprop
 
-RULES = ["bp", "fa", "usf", "brsf", "kp", "wm", "dfa", "np", "nusf", "frsf", "rndf", "matched"]
+RULES = ["bp", "fa", "usf", "brsf", "kp", "wm", "dfa", "np"]  # issue 14's list
+RULES += ["nusf", "frsf", "rndf", "matched", "sg"]  # and the rest of the registry
 STEPS, BATCH, WORLD = 5, 8, 2
 
 
@@ -235,6 +236,43 @@ def test_fsdp_run_stopped_and_resumed_equals_an_uninterrupted_one(
             assert torch.equal(
                 torch.as_tensor(tensor), torch.as_tensor(b["optimizer"]["state"][key][name])
             ), key
+
+
+# fast tier: one torchrun launch and a one-process run (~20 s)
+def test_fsdp_run_equals_one_process_on_the_global_batch(tmp_path: Path) -> None:
+    """``asymprop train --strategy fsdp`` on 2 processes: the ``metrics.csv`` rows and the
+    weights of a one-process run on the same global batches, up to float rounding."""
+    from asymprop.harness.checkpoint import read_checkpoint
+    from asymprop.harness.experiment import RunConfig, train
+    from asymprop.harness.records import read_csv
+
+    out = tmp_path / "fsdp"
+    args = [*ARGS, "--epochs", "1", "--train-size", "256"]
+    code, err = _finished(
+        _torchrun(["-m", "asymprop", "train", "--rule", "kp", "--out", str(out), *args])
+    )
+    assert code == 0, err[-3000:]
+    single = tmp_path / "single"
+    train(
+        RunConfig(
+            rule="kp", model_options={"widths": [32]}, train_size=256, batch_size=16, epochs=1,
+            optimizer="sgd", lr=0.05, weight_decay=1e-3, device="cpu", checkpoint_every_steps=2,
+            align_batch_size=32, threads=1, out=str(single),
+        ),
+        plots=False,
+    )  # fmt: skip
+    rows, reference = read_csv(out / "metrics.csv"), read_csv(single / "metrics.csv")
+    assert [r["step"] for r in rows] == [r["step"] for r in reference] == [0, 16]
+    for row, ref in zip(rows, reference, strict=True):
+        for key, value in row.items():
+            if key != "seconds":
+                assert value == pytest.approx(ref[key], rel=1e-5, abs=1e-6, nan_ok=True), key
+    sharded = _weights(out)["model"]
+    whole = read_checkpoint(single / "checkpoint.pt")["model"]
+    assert sharded.keys() == whole.keys()
+    for key, value in whole.items():
+        if torch.is_tensor(value):
+            torch.testing.assert_close(sharded[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 def _per_example(state: dict[str, Any]) -> dict[str, Any]:

@@ -22,10 +22,10 @@ and in a script of your own::
     ... asymprop.train_step(model, opt, loss_fn, x, y)  # DDP-wrapped models are accepted
 
 **Sharded training (FSDP2).** ``--strategy fsdp`` (:func:`shard`) applies PyTorch's own
-``torch.distributed.fsdp.fully_shard`` instead of DDP: every converted layer (and every converted
-multi-weight module) becomes one FSDP unit, the root module a last one, and each Parameter is
-a ``DTensor`` cut into row shards, one per rank, gathered for each unit's forward and backward
-pass and freed after. What each rule keeps where:
+``torch.distributed.fsdp.fully_shard`` instead of DDP: every module that calls converted layers
+(a transformer or residual block) becomes one FSDP unit, the root module a last one, and each
+Parameter is a ``DTensor`` cut into row shards, one per rank, gathered for each unit's forward
+and backward pass and freed after. What each rule keeps where:
 
 * ``weight``, ``bias`` and every other Parameter, and KP's ``feedback_weight`` (a Parameter):
   sharded like W; their gradients are reduce-scattered (FSDP's own, instead of DDP's all-reduce);
@@ -141,11 +141,11 @@ def wrap(model: nn.Module, info: DistInfo, strategy: str = "ddp") -> nn.Module:
 def shard(model: nn.Module) -> nn.Module:
     """Shard a converted model over the ranks with FSDP2 (``fully_shard``), in place.
 
-    Every converted layer that holds its weight (a ``FeedbackLinear``, a convolution) becomes one
-    FSDP unit, and so does the module that calls a converted multi-weight module (attention,
-    recurrent layers, bilinear: a transformer block), innermost first; the root module takes the
-    rest (norms, embeddings, biases of unconverted layers). At most a unit's whole weights are
-    gathered at a time in the passes.
+    Every module that calls converted layers or converted multi-weight modules (a transformer
+    block, a residual block) becomes one FSDP unit, innermost first, and the root module takes
+    the rest (layers called by the root itself, norms, embeddings). At most a unit's whole
+    weights are gathered at a time in the passes: to shard a model, give it blocks (an MLP
+    written as one ``nn.Sequential`` is one unit, the root).
     Call it after ``convert`` and ``.to(device)``, before building the optimizer; returns
     ``model`` (its class is now also an ``FSDPModule``).
 
@@ -159,18 +159,22 @@ def shard(model: nn.Module) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     root = unwrap(model)
-    units: dict[int, nn.Module] = {}  # in module order, no module twice
-    for name, module in root.named_modules():
-        if isinstance(module, FeedbackLayer) and "weight" in module._parameters:
-            units.setdefault(id(module), module)  # sites of a multi-weight module own no W
-        elif isinstance(module, FeedbackContainer):
-            # The unit is the block that calls the container: FSDP replaces every input of a
-            # unit by its own autograd node, and attention tells self-attention from
-            # cross-attention by ``query is key`` (a unit of its own would see cross-attention
-            # on three copies: the same values, but other shapes for the rules that record
-            # inputs, wm and np).
-            parent = root.get_submodule(name.rpartition(".")[0]) if "." in name else root
-            units.setdefault(id(parent), parent)
+    modules = dict(root.named_modules())
+    units: set[int] = set()
+    for name, module in modules.items():
+        if not isinstance(module, FeedbackLayer | FeedbackContainer):
+            continue
+        # The unit is the module that calls the converted one (a residual or transformer
+        # block), never a multi-weight module itself. Why not the layer itself: FSDP hands every
+        # unit its input through an autograd node of its own, so a layer whose input is also
+        # read elsewhere (a block's first layer and the residual add) would see a copy, and what
+        # reads "the error at the layer's input" (delta alignment, sg's target) would get the
+        # layer's path alone instead of the sum with the residual's; and attention tells self-
+        # from cross-attention by ``query is key``, which three copies would fail.
+        parent = name
+        while parent and (parent == name or isinstance(modules[parent], FeedbackContainer)):
+            parent = parent.rpartition(".")[0]
+        units.add(id(modules[parent]))
     ordered = [m for m in root.modules() if id(m) in units and m is not root]
     for unit in reversed(ordered):  # innermost first: a unit never holds a child unit's weights
         fully_shard(unit)
