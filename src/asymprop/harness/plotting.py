@@ -38,7 +38,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .records import layers_of
 
-__all__ = ["Curve", "plot_curves", "plot_run"]
+__all__ = ["Curve", "panels", "plot_curves", "plot_run", "save_figure"]
 
 Rows = Sequence[Mapping[str, Any]]
 Style = tuple[Any, str, str]  # (colour, linestyle, marker) of one label
@@ -318,8 +318,31 @@ def _legend(fig: Figure, order: Sequence[str]) -> None:
 
 
 def _save(fig: Figure, path: Path) -> Path:
+    return save_figure(fig, path)
+
+
+def panels(rows: int, cols: int, width: float, height: float) -> tuple[Figure, np.ndarray]:
+    """A figure of ``rows`` x ``cols`` panels of ``width`` x ``height`` inches each, laid out
+    tight when drawn; ``axes[row][col]`` (always two-dimensional). No pyplot."""
+    fig = Figure(figsize=(width * cols, height * rows), layout="tight")
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def save_figure(fig: Figure, path: Path, dpi: int = DPI, max_bytes: int | None = None) -> Path:
+    """Write ``fig`` to ``path`` as a PNG at ``dpi``, atomically (a temporary file renamed).
+
+    ``max_bytes``: a PNG larger than this is saved again with a 64-colour palette (scatter
+    plots of thousands of points; the report keeps its figures small).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=DPI)
+    fig.savefig(tmp, dpi=dpi)
+    if max_bytes is not None and tmp.stat().st_size > max_bytes:
+        from PIL import Image
+
+        with Image.open(tmp) as image:
+            small = image.convert("RGB").quantize(colors=64, method=Image.Quantize.MEDIANCUT)
+        small.save(tmp, format="PNG", optimize=True)
     os.replace(tmp, path)
     return path

@@ -11,12 +11,13 @@ from typing import Any
 import numpy as np
 
 from ..experiment import DataCache
+from ..plotting import panels, save_figure
 from .common import (
+    DPI,
+    MAX_PNG_BYTES,
     ItemResult,
     classification_run,
-    figure,
     final_mean,
-    save_figure,
     seed_table,
 )
 
@@ -73,7 +74,7 @@ def akrout(name: str, config: dict[str, Any], out: Path) -> ItemResult:
 
 
 def _akrout_error_figure(config: dict[str, Any], curves: dict[Any, Any], path: Path) -> Path:
-    fig, axes = figure(1, 1, 4.2, 3.0)
+    fig, axes = panels(1, 1, 4.2, 3.0)
     ax = axes[0][0]
     for rule in config["rules"]:
         runs = [curves[(rule, s)] for s in config["seeds"]]
@@ -85,14 +86,14 @@ def _akrout_error_figure(config: dict[str, Any], curves: dict[Any, Any], path: P
     ax.set_ylim(top=min(60.0, ax.get_ylim()[1]))
     ax.legend(fontsize=8)
     ax.set_title(f"{config['run']['model']} on Fashion-MNIST, mean over seeds", fontsize=9)
-    return save_figure(fig, path)
+    return save_figure(fig, path, dpi=DPI, max_bytes=MAX_PNG_BYTES)
 
 
 def _akrout_angle_figure(config: dict[str, Any], curves: dict[Any, Any], path: Path) -> Path:
     import matplotlib
 
     rules = [r for r in config["rules"] if r != "bp"]
-    fig, axes = figure(2, len(rules), 2.6, 2.3)
+    fig, axes = panels(2, len(rules), 2.6, 2.3)
     for col, rule in enumerate(rules):
         run = curves[(rule, config["seeds"][0])]
         epochs = [r["epoch"] for r in run]
@@ -116,4 +117,4 @@ def _akrout_angle_figure(config: dict[str, Any], curves: dict[Any, Any], path: P
         fig.suptitle(
             f"colour: layer 1 (input, dark) to layer {len(layers)} (output, yellow)", fontsize=8
         )
-    return save_figure(fig, path)
+    return save_figure(fig, path, dpi=DPI, max_bytes=MAX_PNG_BYTES)

@@ -22,6 +22,7 @@ from ..records import format_values, read_csv, read_yaml
 log = logging.getLogger(__name__)
 
 DPI = 100
+"""The report's figures (the study's: :data:`asymprop.harness.plotting.DPI`)."""
 MAX_PNG_BYTES = 150_000
 """Figures larger than this are saved with a 64-colour palette (the report keeps them small)."""
 
@@ -60,32 +61,6 @@ def seed_table(
         ]
         lines.append("| " + " | ".join([label, *cells]) + " |")
     return "\n".join(lines)
-
-
-def figure(rows: int, cols: int, width: float = 3.2, height: float = 2.6) -> tuple[Any, Any]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
-    return fig, axes
-
-
-def save_figure(fig: Any, path: Path, dpi: int = DPI) -> Path:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    if path.stat().st_size > MAX_PNG_BYTES:  # scatter plots: a 64-colour palette is plenty
-        from PIL import Image
-
-        with Image.open(path) as image:
-            small = image.convert("RGB").quantize(colors=64, method=Image.Quantize.MEDIANCUT)
-        small.save(path, optimize=True)
-    return path
 
 
 def finished_rows(config: RunConfig) -> list[dict[str, Any]] | None:

@@ -21,11 +21,12 @@ from ...train import train_step
 from ..data import load_dataset
 from ..experiment import torch_threads
 from ..models import build_model
+from ..plotting import panels, save_figure
 from .common import (
+    DPI,
+    MAX_PNG_BYTES,
     ItemResult,
-    figure,
     minibatches,
-    save_figure,
 )
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def _convergence_figure(
     wm: dict[str, list[dict[str, Any]]],
     path: Path,
 ) -> Path:
-    fig, axes = figure(1, 2, 3.6, 2.8)
+    fig, axes = panels(1, 2, 3.6, 2.8)
     ax = axes[0][0]
     for i, (wd, curve) in enumerate(kp.items()):
         steps = [r["step"] for r in curve]
@@ -167,4 +168,4 @@ def _convergence_figure(
     ax.set_title("WM mirror mode: angle B, W (deg)", fontsize=8)
     ax.set_xlabel("mirror step")
     ax.legend(fontsize=6, title="dotted: E[B_t] (eq. 21)", title_fontsize=6)
-    return save_figure(fig, path)
+    return save_figure(fig, path, dpi=DPI, max_bytes=MAX_PNG_BYTES)

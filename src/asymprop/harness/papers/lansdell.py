@@ -22,12 +22,13 @@ from ...train import DivergenceError, train_step
 from ..data import load_dataset
 from ..experiment import torch_threads
 from ..models import build_model
+from ..plotting import panels, save_figure
 from ..records import format_values
 from .common import (
+    DPI,
+    MAX_PNG_BYTES,
     ItemResult,
-    figure,
     minibatches,
-    save_figure,
     seed_table,
 )
 
@@ -224,7 +225,7 @@ def _lansdell_figure(
         ("delta_angle_deg", "delta angle (deg)"),
         ("sign_concordance", "sign concordance"),
     ]
-    fig, axes = figure(2, 3, 2.8, 2.2)
+    fig, axes = panels(2, 3, 2.8, 2.2)
     for row, layer in enumerate((2, 3)):
         for col, (metric, ylabel) in enumerate(metrics):
             ax = axes[row][col]
@@ -236,7 +237,7 @@ def _lansdell_figure(
             ax.set_title(f"layer {layer}: {ylabel}", fontsize=8)
             ax.set_xlabel("step", fontsize=8)
     axes[0][0].legend(fontsize=6)
-    return save_figure(fig, path)
+    return save_figure(fig, path, dpi=DPI, max_bytes=MAX_PNG_BYTES)
 
 
 # --- item 5: Lansdell et al. autoencoder ---------------------------------------------------------
@@ -334,7 +335,7 @@ def _ae_train(
 
 def _ae_figure(models: dict[str, nn.Module], x: Tensor, y: Tensor, path: Path) -> Path:
     labels = list(models)
-    fig, axes = figure(2, len(labels), 1.9, 1.9)
+    fig, axes = panels(2, len(labels), 1.9, 1.9)
     shown = x[:6]
     for col, label in enumerate(labels):
         model = models[label]
@@ -352,4 +353,4 @@ def _ae_figure(models: dict[str, nn.Module], x: Tensor, y: Tensor, path: Path) -
         )
         axes[1][col].imshow(grid, cmap="gray", vmin=0, vmax=1)
         axes[1][col].axis("off")
-    return save_figure(fig, path)
+    return save_figure(fig, path, dpi=DPI, max_bytes=MAX_PNG_BYTES)

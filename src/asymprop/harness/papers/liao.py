@@ -14,12 +14,13 @@ import numpy as np
 
 from ...train import DivergenceError
 from ..experiment import DataCache
+from ..plotting import panels, save_figure
 from ..records import format_values, mean_se
 from .common import (
+    DPI,
+    MAX_PNG_BYTES,
     ItemResult,
     classification_run,
-    figure,
-    save_figure,
 )
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ def _liao_figure(
     config: dict[str, Any], best: dict[str, tuple[float, list[float]]], path: Path
 ) -> Path:
     tables = list(config["tables"].items())
-    fig, axes = figure(1, len(tables), 3.0, 3.2)
+    fig, axes = panels(1, len(tables), 3.0, 3.2)
     for ax, (title, names) in zip(axes[0], tables, strict=True):
         means = [100 * float(np.mean(best[e][1])) for e in names]
         ses = [100 * mean_se(best[e][1])[1] for e in names]
@@ -156,4 +157,4 @@ def _liao_figure(
         ax.set_xlim(0, max(5.0, 1.1 * max(m + e for m, e in zip(means, ses, strict=True))))
         ax.set_xlabel("test error (%)", fontsize=8)
         ax.set_title(title, fontsize=8)
-    return save_figure(fig, path)
+    return save_figure(fig, path, dpi=DPI, max_bytes=MAX_PNG_BYTES)

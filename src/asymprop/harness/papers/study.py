@@ -15,13 +15,13 @@ import numpy as np
 
 from ...train import DivergenceError
 from ..experiment import DataCache, RunConfig, load_data
+from ..plotting import panels, save_figure
 from ..records import format_values, layers_of, mean_se, read_csv
 from .common import (
+    MAX_PNG_BYTES,
     ItemResult,
     classification_run,
-    figure,
     nanmean,
-    save_figure,
 )
 
 log = logging.getLogger(__name__)
@@ -296,17 +296,17 @@ def _study_figure(
     """Rows: models; columns: test error per epoch (with the delta angles) and the metric per
     layer group over the epochs, mean over seeds, one colour and marker per rule."""
     labels = list(config["models"])
-    panels: dict[str, list[str]] = {}
+    group_panels: dict[str, list[str]] = {}
     for label in labels:
         runs = curves[(label, config["rules"][0])]
         groups = {layer_group(layer) for layer in layers_of(runs[0][0])}
-        panels[label] = [g for g, _ in (*LAYER_GROUPS, ("other", "")) if g in groups]
+        group_panels[label] = [g for g, _ in (*LAYER_GROUPS, ("other", "")) if g in groups]
     with_error = metric == "delta_angle_deg"
-    cols = max(len(groups) for groups in panels.values()) + int(with_error)
-    fig, axes = figure(len(labels), cols, 2.5, 2.1)
+    cols = max(len(groups) for groups in group_panels.values()) + int(with_error)
+    fig, axes = panels(len(labels), cols, 2.5, 2.1)
     title = dict(STUDY_METRICS)[metric]
     for row, label in enumerate(labels):
-        shown = (["test error"] if with_error else []) + panels[label]
+        shown = (["test error"] if with_error else []) + group_panels[label]
         for col in range(len(shown), cols):
             axes[row][col].axis("off")
         for col, panel in enumerate(shown):
@@ -334,4 +334,4 @@ def _study_figure(
                 ax.set_ylim(bottom=0)
     axes[0][0].legend(fontsize=5)
     fig.suptitle(f"{path.stem}: mean over seeds", fontsize=8)
-    return save_figure(fig, path, dpi=STUDY_DPI)
+    return save_figure(fig, path, dpi=STUDY_DPI, max_bytes=MAX_PNG_BYTES)
