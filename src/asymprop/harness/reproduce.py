@@ -27,6 +27,10 @@ for a full run from a checkout).
 
 Each paper's items live in :mod:`asymprop.harness.papers` (one module per paper); this module
 registers them (:data:`ITEMS`), runs them and writes their tables.
+Classification items use the ordinary run loop (:func:`asymprop.harness.experiment.train`);
+the Lansdell items and KP's convergence measure every few steps, with MSE losses and the
+papers' batching, so they share one small loop on :func:`asymprop.train_step`
+(:func:`asymprop.harness.papers.common.train_steps`, whose docstring says why).
 """
 
 from __future__ import annotations

@@ -3,18 +3,20 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ...convert import feedback_layers
+from ...train import DivergenceError, train_step
 from ..config import config_from_dict
 from ..experiment import DataCache, RunConfig, prepare, train
 from ..records import format_values, read_csv, read_yaml
@@ -119,10 +121,67 @@ def final_mean(rows: Sequence[Mapping[str, Any]], prefix: str) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
-    order = torch.randperm(n, generator=generator)
-    for start in range(0, n - batch_size + 1, batch_size):
-        yield order[start : start + batch_size]
+def minibatches(
+    n: int, batch_size: int, generator: torch.Generator, epochs: int | None = None
+) -> Iterator[Tensor]:
+    """Indices of the minibatches of ``n`` examples, for ``epochs`` epochs (None: no end).
+
+    Each epoch is a fresh permutation drawn from ``generator``; its last incomplete minibatch
+    is left out (the papers' batching, not the harness's: see :func:`train_steps`).
+    """
+    for _ in itertools.count() if epochs is None else range(epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]
+
+
+@dataclass
+class Steps:
+    """What :func:`train_steps` did: the measurements, the losses, the steps that finished."""
+
+    curve: list[dict[str, Any]]
+    losses: list[float]
+    steps: int
+    diverged: bool
+
+
+def train_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    batches: Iterable[tuple[Tensor, Tensor]],
+    measure: Callable[[int], dict[str, Any]] | None = None,
+    every: int = 1,
+) -> Steps:
+    """:func:`asymprop.train_step` on each ``(inputs, targets)`` of ``batches``, measured per step.
+
+    ``measure(step)`` runs before every ``every``-th step and once after the last, each giving
+    a row of ``curve`` (with ``step``, the steps finished). A step whose loss is not finite
+    (:class:`asymprop.train.DivergenceError`) ends the loop; the weights are those before it,
+    and the last row measures them.
+
+    The loop of the Lansdell and KP items. The harness's run loop
+    (:func:`asymprop.harness.experiment.train`) cannot give their numbers: it measures per
+    epoch, not every few steps (Lansdell's curves, KP's geometric law per step); it trains
+    classifiers with cross-entropy, not Lansdell's MSE on one-hot targets or a reconstruction
+    of noisy inputs; and it batches differently (a seeded permutation per epoch that keeps the
+    last short minibatch, not one generator for the whole run, see :func:`minibatches`).
+    """
+    curve: list[dict[str, Any]] = []
+    losses: list[float] = []
+    step, diverged = 0, False
+    for inputs, targets in batches:
+        if measure is not None and step % every == 0:
+            curve.append({"step": step, **measure(step)})
+        try:
+            losses.append(train_step(model, optimizer, loss_fn, inputs, targets))
+        except DivergenceError:
+            diverged = True
+            break
+        step += 1
+    if measure is not None:
+        curve.append({"step": step, **measure(step)})
+    return Steps(curve, losses, step, diverged)
 
 
 def nanmean(values: Sequence[float]) -> float:

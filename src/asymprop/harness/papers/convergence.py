@@ -3,6 +3,7 @@ mirrors' mirror mode (000 eq. 21)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -16,8 +17,7 @@ from torch import Tensor
 
 from ...convert import convert, feedback_layers
 from ...metrics import alignment
-from ...mirror import mirror
-from ...train import train_step
+from ...mirror import WM, mirror
 from ..data import load_dataset
 from ..experiment import torch_threads
 from ..models import build_model
@@ -27,6 +27,7 @@ from .common import (
     MAX_PNG_BYTES,
     ItemResult,
     minibatches,
+    train_steps,
 )
 
 log = logging.getLogger(__name__)
@@ -76,27 +77,22 @@ def _kp_curve(config: dict[str, Any], wd: float, x: Tensor, y: Tensor) -> list[d
     )
     lr = settings["lr"]
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd)
-    layer = feedback_layers(model)[-1][1]
+    name, layer = feedback_layers(model)[-1]
+    steps, every = settings["steps"], settings["log_every"]
     gap0 = float((layer.weight - layer.feedback_weight).detach().norm())
     generator = torch.Generator().manual_seed(0)
-    curve, step = [], 0
-    while step <= settings["steps"]:
-        for idx in minibatches(len(x), settings["batch_size"], generator):
-            if step % settings["log_every"] == 0:
-                gap = float((layer.weight - layer.feedback_weight).detach().norm())
-                curve.append(
-                    {
-                        "step": step,
-                        "measured": gap / gap0,
-                        "theory": (1 - lr * wd) ** step,
-                        "angle_deg": alignment(model)[feedback_layers(model)[-1][0]]["angle_deg"],
-                    }
-                )
-            train_step(model, optimizer, F.cross_entropy, x[idx], y[idx])
-            step += 1
-            if step > settings["steps"]:
-                break
-    return curve
+    batches = itertools.islice(minibatches(len(x), settings["batch_size"], generator), steps)
+
+    def measure(step: int) -> dict[str, Any]:
+        gap = float((layer.weight - layer.feedback_weight).detach().norm())
+        return {
+            "measured": gap / gap0,
+            "theory": (1 - lr * wd) ** step,
+            "angle_deg": alignment(model)[name]["angle_deg"],
+        }
+
+    batches_xy = ((x[idx], y[idx]) for idx in batches)
+    return train_steps(model, optimizer, F.cross_entropy, batches_xy, measure, every).curve
 
 
 def _wm_curve(
@@ -119,7 +115,10 @@ def _wm_curve(
     w = layer.weight.detach().clone()
     b0 = layer.feedback_weight.detach().clone()
     decay = setting["decay"]
-    k = setting["eta_b"] * 1.0**2 * 0.5 / decay  # sigma = 1, ReLU slope 1/2
+    rule = layer.rule
+    if not isinstance(rule, WM):
+        raise TypeError(f"{name} has rule {rule!r}, not wm")
+    k = rule.fixed_point_scale  # B -> k W (000 eq. 21)
     # The plateau set by finite mirror batches (asymprop.mirror.WM): tan^2 = c n_in decay /
     # ((2 - decay) N), c = 2 - 2/pi for a ReLU drive with batch means subtracted, reached as the
     # noise accumulates, (1 - (1 - decay)^(2t)).

@@ -3,10 +3,11 @@ and in the bottleneck autoencoder (Table 2a, Fig. 3)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,6 @@ from torch import Tensor, nn
 from ...convert import convert, feedback_layers
 from ...metrics import alignment, delta_alignment
 from ...optim import make_optimizer
-from ...train import DivergenceError, train_step
 from ..data import load_dataset
 from ..experiment import torch_threads
 from ..models import build_model
@@ -30,6 +30,7 @@ from .common import (
     ItemResult,
     minibatches,
     seed_table,
+    train_steps,
 )
 
 log = logging.getLogger(__name__)
@@ -158,23 +159,17 @@ def _lansdell_train(
     model = convert(model, spec["rule"], seed=seed, **spec.get("options", {}))
     optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"])
     generator = torch.Generator().manual_seed(seed)
-    curve: list[dict[str, Any]] = []
-    step, diverged = 0, False
-    for _ in range(config["epochs"]):
-        if diverged:
-            break
-        for idx in minibatches(len(x), config["batch_size"], generator):
-            if step % config["log_every"] == 0:
-                curve.append({"step": step, **_layer_metrics(model, _mse_onehot, *probe)})
-            try:
-                train_step(model, optimizer, _mse_onehot, x[idx], y[idx])
-            except DivergenceError:  # the weights are those before the step: score them
-                diverged = True
-                break
-            step += 1
-    final = {"step": step, **_layer_metrics(model, _mse_onehot, *probe)}
-    curve.append({**final, "diverged": diverged, "model": model})
-    return curve
+    batches = minibatches(len(x), config["batch_size"], generator, config["epochs"])
+    done = train_steps(
+        model,
+        optimizer,
+        _mse_onehot,
+        ((x[idx], y[idx]) for idx in batches),
+        lambda step: _layer_metrics(model, _mse_onehot, *probe),
+        config["log_every"],
+    )
+    done.curve[-1].update(diverged=done.diverged, model=model)
+    return done.curve
 
 
 def _lansdell_fixed(
@@ -201,17 +196,15 @@ def _lansdell_fixed(
     )  # warm-up: only B learns
     optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"])
     generator = torch.Generator().manual_seed(seed)
-    curve, step = [], 0
-    while step < steps:
-        for idx in minibatches(len(x), config["batch_size"], generator):
-            if step % settings["log_every"] == 0:
-                curve.append({"step": step, **_layer_metrics(model, _mse_onehot, *probe)})
-            train_step(model, optimizer, _mse_onehot, x[idx], y[idx])
-            step += 1
-            if step >= steps:
-                break
-    curve.append({"step": step, **_layer_metrics(model, _mse_onehot, *probe)})
-    return curve
+    batches = itertools.islice(minibatches(len(x), config["batch_size"], generator), steps)
+    return train_steps(
+        model,
+        optimizer,
+        _mse_onehot,
+        ((x[idx], y[idx]) for idx in batches),
+        lambda step: _layer_metrics(model, _mse_onehot, *probe),
+        settings["log_every"],
+    ).curve
 
 
 def _lansdell_figure(
@@ -317,20 +310,20 @@ def _ae_train(
     )
     generator = torch.Generator().manual_seed(seed)
     input_noise = spec.get("input_noise", 0.0)
-    losses: list[float] = []
-    for _ in range(config["epochs"]):
-        losses = []
-        for idx in minibatches(len(x), config["batch_size"], generator):
+
+    def noisy_batches() -> Iterator[tuple[Tensor, Tensor]]:  # (noisy input, clean target)
+        for idx in minibatches(len(x), config["batch_size"], generator, config["epochs"]):
             batch = x[idx]
-            clean = batch.flatten(1)
             noisy = batch + input_noise * torch.randn_like(batch) if input_noise else batch
-            try:
-                losses.append(train_step(model, optimizer, _sum_mse, noisy, clean))
-            except DivergenceError:
-                return model, math.nan
+            yield noisy, batch.flatten(1)
+
+    done = train_steps(model, optimizer, _sum_mse, noisy_batches())
     for handle in noise.handles:
         handle.remove()
-    return model, float(np.mean(losses))
+    if done.diverged:
+        return model, math.nan
+    per_epoch = len(x) // config["batch_size"]
+    return model, float(np.mean(done.losses[-per_epoch:]))  # the last epoch's
 
 
 def _ae_figure(models: dict[str, nn.Module], x: Tensor, y: Tensor, path: Path) -> Path:
