@@ -980,6 +980,8 @@ def train(
     if run.is_main:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale(out)
+        if not run.rows:  # a fresh run: an earlier run's sharded checkpoints go too
+            remove_sharded(out, keep=None)
         write_yaml(out / "config.yaml", config.to_dict())
         _rewrite_metrics(run, columns)
         writer = _tensorboard(out) if config.tensorboard else None
