@@ -117,8 +117,7 @@ def classification_run(
 
 def final_mean(rows: Sequence[Mapping[str, Any]], prefix: str) -> float:
     """Mean over layers of a per-layer metric in the last row (NaNs skipped)."""
-    values = [v for k, v in rows[-1].items() if k.startswith(prefix) and math.isfinite(v)]
-    return float(np.mean(values)) if values else math.nan
+    return nanmean([v for k, v in rows[-1].items() if k.startswith(prefix)])
 
 
 def minibatches(
@@ -185,5 +184,6 @@ def train_steps(
 
 
 def nanmean(values: Sequence[float]) -> float:
+    """The mean of the finite ``values`` (NaN if none): DFA draws no B for a layer fed data."""
     finite = [v for v in values if math.isfinite(v)]
     return float(np.mean(finite)) if finite else math.nan

@@ -109,13 +109,8 @@ def lansdell_mlp(name: str, config: dict[str, Any], out: Path) -> ItemResult:
     ]
     for label in config["methods"]:
         mine = [r for r in rows if r["part"] == "train" and r["method"] == label]
-        lines.append(
-            f"| {label} | {format_values([r['test_error'] for r in mine], 1, 100)} | "
-            + " | ".join(
-                _pair(mine, m) for m in ("rel_error", "sign_concordance", "delta_angle_deg")
-            )
-            + " |"
-        )
+        error = format_values([r["test_error"] for r in mine], 1, 100)
+        lines.append(f"| {label} | {error} | {_pairs(mine)} |")
     lines += [
         "",
         f"Fixed W (ridge fit of B, gamma 0.1), after {config['fixed_w']['steps']} steps:",
@@ -125,13 +120,7 @@ def lansdell_mlp(name: str, config: dict[str, Any], out: Path) -> ItemResult:
     ]
     for label in config["fixed_w"]["noise"]:
         mine = [r for r in rows if r["part"] == "fixed_w" and r["method"] == label]
-        lines.append(
-            f"| {label} | "
-            + " | ".join(
-                _pair(mine, m) for m in ("rel_error", "sign_concordance", "delta_angle_deg")
-            )
-            + " |"
-        )
+        lines.append(f"| {label} | {_pairs(mine)} |")
     figures = [
         _lansdell_figure(curves, config["seeds"], list(config["methods"]), out / f"{name}.png"),
         _lansdell_figure(
@@ -144,6 +133,11 @@ def lansdell_mlp(name: str, config: dict[str, Any], out: Path) -> ItemResult:
 def _pair(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
     digits = 1 if metric == "delta_angle_deg" else 2
     return " / ".join(format_values([r[f"{metric}/{i}"] for r in rows], digits) for i in (2, 3))
+
+
+def _pairs(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The table cells of :func:`_pair` for rel. error, sign concordance and delta angle."""
+    return " | ".join(_pair(rows, m) for m in ("rel_error", "sign_concordance", "delta_angle_deg"))
 
 
 def _lansdell_train(
