@@ -94,22 +94,37 @@ def train_step(
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     inputs: Tensor,
     targets: Tensor,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> float:
     """One engaged-mode step for any rule; returns the loss as a float.
 
     ``zero_grad``; forward; ``loss = loss_fn(outputs, targets)``; ``loss.backward()``;
     ``optimizer.step()``; ``update_feedback``. Rules' ``before_forward``/``after_backward`` hooks
     run around the pass (node perturbation's noisy pass). The model's train/eval mode is left as
-    the caller set it.
+    the caller set it. The whole step, written out (what to copy for a loop of your own)::
+
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(inputs), targets)          # under torch.autocast for AMP
+        scaler.scale(loss).backward()                   # loss.backward() without a scaler
+        scaler.step(optimizer); scaler.update()         # optimizer.step() without a scaler
+        asymprop.update_feedback(model)
 
     Args:
         model: a converted model (or a DDP wrapper of one).
         optimizer: any ``torch.optim`` optimizer over ``model.parameters()``.
         loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``.
         inputs, targets: one minibatch.
+        scaler: float16's ``torch.amp.GradScaler``: the loss is scaled for ``backward`` and
+            ``scaler.step`` unscales the gradients (skipping the step on an overflow); the
+            feedback update follows as usual. Not with rules that learn B from the batch's
+            errors (``np``, ``sg``: their regression would read scaled errors). Autocast
+            belongs to the forward pass: run ``model`` under ``torch.autocast`` (e.g. a module
+            whose ``forward`` enters it), so that every pass a rule makes uses it too.
 
     Raises:
         DivergenceError: the loss is NaN or infinite (checked before the weights change).
+        ValueError: a ``scaler`` with a rule that learns from the batch's errors.
 
     Example:
         >>> model = asymprop.convert(nn.Sequential(nn.Linear(20, 4)), "fa", seed=0)
@@ -121,6 +136,12 @@ def train_step(
     """
     layers = _layers(model)
     groups = rules_of(layers)
+    if scaler is not None and any(rule.needs_train_step for rule, _ in groups):
+        names = ", ".join(sorted(rule.name for rule, _ in groups if rule.needs_train_step))
+        raise ValueError(
+            f"train_step(scaler=...) with rule {names}: its regression would read the scaled "
+            "errors; train it in float32 or bfloat16 (no scaler needed)"
+        )
     step = StepContext(model, optimizer, loss_fn, inputs, targets, layers)
     for rule, _ in groups:
         rule.before_forward(step)
@@ -133,9 +154,13 @@ def train_step(
         raise DivergenceError(
             f"loss is {value} (rule {names}); the weights were not updated by this step"
         )
-    loss.backward()
+    (loss if scaler is None else scaler.scale(loss)).backward()
     for rule, _ in groups:
         rule.after_backward(step)
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)  # unscales the gradients; skips the step if one is inf/NaN
+        scaler.update()
     _update(layers)
     return value
