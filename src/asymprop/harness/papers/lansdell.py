@@ -28,6 +28,7 @@ from .common import (
     DPI,
     MAX_PNG_BYTES,
     ItemResult,
+    Steps,
     minibatches,
     seed_table,
     train_steps,
@@ -151,19 +152,37 @@ def _lansdell_train(
     torch.manual_seed(seed)
     model = build_model("lansdell-mlp", tuple(x.shape[1:]), 10)
     model = convert(model, spec["rule"], seed=seed, **spec.get("options", {}))
-    optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"])
-    generator = torch.Generator().manual_seed(seed)
-    batches = minibatches(len(x), config["batch_size"], generator, config["epochs"])
-    done = train_steps(
-        model,
-        optimizer,
-        _mse_onehot,
-        ((x[idx], y[idx]) for idx in batches),
-        lambda step: _layer_metrics(model, _mse_onehot, *probe),
-        config["log_every"],
+    done = _mse_steps(
+        model, config, seed, x, y, probe, config["log_every"], epochs=config["epochs"]
     )
     done.curve[-1].update(diverged=done.diverged, model=model)
     return done.curve
+
+
+def _mse_steps(
+    model: nn.Module,
+    config: Mapping[str, Any],
+    seed: int,
+    x: Tensor,
+    y: Tensor,
+    probe: tuple[Tensor, Tensor],
+    every: int,
+    epochs: int | None = None,
+    steps: int | None = None,
+) -> Steps:
+    """Lansdell's training (004 App. C.1): plain SGD on the MSE of one-hot targets, for
+    ``epochs`` epochs or ``steps`` steps; :func:`_layer_metrics` on ``probe`` every ``every``."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"])
+    generator = torch.Generator().manual_seed(seed)
+    batches = minibatches(len(x), config["batch_size"], generator, epochs)
+    return train_steps(
+        model,
+        optimizer,
+        _mse_onehot,
+        ((x[idx], y[idx]) for idx in itertools.islice(batches, steps)),
+        lambda step: _layer_metrics(model, _mse_onehot, *probe),
+        every,
+    )
 
 
 def _lansdell_fixed(
@@ -188,17 +207,7 @@ def _lansdell_fixed(
         noise_std=noise,
         warmup_steps=steps + 1,
     )  # warm-up: only B learns
-    optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"])
-    generator = torch.Generator().manual_seed(seed)
-    batches = itertools.islice(minibatches(len(x), config["batch_size"], generator), steps)
-    return train_steps(
-        model,
-        optimizer,
-        _mse_onehot,
-        ((x[idx], y[idx]) for idx in batches),
-        lambda step: _layer_metrics(model, _mse_onehot, *probe),
-        settings["log_every"],
-    ).curve
+    return _mse_steps(model, config, seed, x, y, probe, settings["log_every"], steps=steps).curve
 
 
 def _lansdell_figure(
