@@ -68,7 +68,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -539,9 +539,7 @@ def _engaged_step(run: Run, epoch: int, inputs: Tensor, targets: Tensor) -> floa
         group["lr"] = group["initial_lr"] * factor * run.lr_scale
     loss_fn = _GuardedLoss(run)
     try:
-        if run.scaler is None:
-            return train_step(run.model, run.optimizer, loss_fn, inputs, targets)
-        return _scaled_step(run, run.scaler, loss_fn, inputs, targets)
+        return train_step(run.model, run.optimizer, loss_fn, inputs, targets, scaler=run.scaler)
     except DivergenceError as err:
         detail = str(err).split(" (rule")[0]
         if config.on_divergence == "skip" and run.divergence_skips < config.max_divergence_skips:
@@ -552,39 +550,6 @@ def _engaged_step(run: Run, epoch: int, inputs: Tensor, targets: Tensor) -> floa
             return math.nan
         where = _culprit(run)
         raise _diverged(run, epoch, run.step + 1, f"{detail}; {where}") from err
-
-
-def _scaled_step(
-    run: Run,
-    scaler: torch.amp.GradScaler,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    inputs: Tensor,
-    targets: Tensor,
-) -> float:
-    """``train_step`` with float16's gradient scaler: the loss scaled before ``backward``, the
-    gradients unscaled (and the step skipped on overflow) by ``scaler.step``."""
-    scale = scaler.get_scale()
-    optimizer = _ScaledOptimizer(run.optimizer, scaler)
-
-    def scaled(outputs: Tensor, targets: Tensor) -> Tensor:
-        return scaler.scale(loss_fn(outputs, targets))
-
-    return train_step(run.model, cast(Any, optimizer), scaled, inputs, targets) / scale
-
-
-class _ScaledOptimizer:
-    """What ``train_step`` asks of an optimizer, with ``GradScaler.step``/``update``."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
-        self.optimizer, self.scaler = optimizer, scaler
-        self.param_groups = optimizer.param_groups
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def step(self) -> None:
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
 
 
 class _GuardedLoss:
