@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .convert import exact_backprop, feedback_layers
+from .layers import is_sharded
 
 __all__ = ["alignment", "angle_deg", "delta_alignment"]
 
@@ -69,7 +70,10 @@ def alignment(model: nn.Module) -> dict[str, dict[str, float]]:
     result: dict[str, dict[str, float]] = {}
     for name, layer in feedback_layers(model):
         with torch.no_grad():
-            weight, feedback = layer.weight.detach(), layer.rule.backward_weight(layer).detach()
+            weight = layer.full_weight()  # all-gathered when FSDP shards W
+            feedback = layer.rule.backward_weight(layer).detach()
+            if is_sharded(feedback):  # kp's B, a Parameter, is sharded as W
+                feedback = feedback.full_tensor()  # type: ignore[attr-defined]
         if feedback.shape != weight.shape:
             result[name] = {
                 "angle_deg": math.nan,

@@ -706,8 +706,7 @@ def evaluate(run: Run) -> dict[str, float]:
         "test_loss": total / n,
         "test_accuracy": hits / n if run.task == "classification" else math.nan,
     }
-    with gathered(model) if run.sharded else contextlib.nullcontext():
-        angles = alignment(model)  # B against the whole W
+    angles = alignment(model)  # B against the whole W (alignment gathers each layer's W)
     for layer in run.layers:
         metrics[f"angle_deg/{layer}"] = angles[layer]["angle_deg"]
         metrics[f"sign_concordance/{layer}"] = angles[layer]["sign_concordance"]
