@@ -1,5 +1,6 @@
 """What the papers' items share: their result, the ordinary run of one setting (with
-``--reuse`` and Liao's clamped layers), tables of mean ± s.e. over seeds, and figures."""
+``--reuse`` and Liao's clamped layers), tables of mean ± s.e. over seeds, and the one per-step
+loop (:func:`train_steps`) of the items that the harness's run loop cannot serve."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from ..records import format_values, read_csv, read_yaml
 log = logging.getLogger(__name__)
 
 DPI = 100
-"""The report's figures (the study's: :data:`asymprop.harness.plotting.DPI`)."""
+"""The papers' figures (the study's have :data:`asymprop.harness.plotting.DPI`)."""
 MAX_PNG_BYTES = 150_000
 """Figures larger than this are saved with a 64-colour palette (the report keeps them small)."""
 

@@ -61,7 +61,6 @@ LAYER_GROUPS: tuple[tuple[str, str], ...] = (
 """Layer groups of the study's tables and figures: ``(label, regex on the module path)``; the
 first match wins, a layer that matches none is in ``other``."""
 STUDY_METRICS = (("angle_deg", "angle B,W (deg)"), ("delta_angle_deg", "delta angle (deg)"))
-STUDY_DPI = 150
 
 
 def layer_group(layer: str) -> str:
@@ -334,4 +333,4 @@ def _study_figure(
                 ax.set_ylim(bottom=0)
     axes[0][0].legend(fontsize=5)
     fig.suptitle(f"{path.stem}: mean over seeds", fontsize=8)
-    return save_figure(fig, path, dpi=STUDY_DPI, max_bytes=MAX_PNG_BYTES)
+    return save_figure(fig, path, max_bytes=MAX_PNG_BYTES)  # plotting's DPI
