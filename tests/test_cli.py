@@ -95,10 +95,13 @@ def test_compare_every_rule_end_to_end_and_report(
     for name in ("accuracy.png", "alignment.png", "summary.md"):
         (out / name).unlink()
     assert main(["report", str(out)]) == 0
-    table = capsys.readouterr().out
+    table, said = capsys.readouterr().out.rsplit("wrote ", 1)
     assert table in printed and (out / "summary.md").read_text() == summary
-    for name in ("accuracy.png", "alignment.png"):
+    for name in ("accuracy.png", "alignment.png", "summary.png"):
         assert_png(out / name)
+    # it names what it wrote: the figures and summary.md, not the runs' files
+    written = "accuracy.png, alignment.png, loss.png, summary.md, summary.png"
+    assert said.strip() == f"{out}: {written}"
 
 
 def compare_rules(out: Path) -> list[str]:
@@ -180,7 +183,7 @@ def no_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 BAD_INPUT = [
-    (["train", "--rule", "nope"], r"unknown rule 'nope'; valid: .*bp.*fa"),
+    (["train", "--rule", "zzz"], r"unknown rule 'zzz'; valid: .*bp.*fa"),
     (["train", "--model", "nope"], r"unknown model 'nope'; valid: .*mlp"),
     (["train", "--data", "nope"], r"unknown data 'nope'; valid: .*digits"),
     (["train", "--model", "liao-mnist"], r"model 'liao-mnist' does not fit input_shape"),
@@ -204,6 +207,14 @@ BAD_INPUT = [
     (["compare", "--rules", "bp,fa", "--rule-opt", "flip=0.1"], r"no rule in this comparison"),
     (["compare", "--models", "mlp,liao-svhn"], r"model 'liao-svhn' does not fit"),
     (["report", "no-such-dir"], r"holds neither results\.csv"),
+    # typos get "did you mean"
+    (["train", "--model", "mpl"], r"unknown model 'mpl' \(did you mean 'mlp'\?\)"),
+    (["train", "--data", "fashon-mnist"], r"\(did you mean 'fashion-mnist'\?\)"),
+    (["train", "--optimizer", "adan"], r"\(did you mean 'adam'\?\)"),
+    (["train", "lrr=0.1"], r"unknown setting 'lrr' \(did you mean 'lr'\?\)"),
+    (["train", "--rule", "fa", "--rule-opt", "gian=2"], r"\(did you mean 'gain'\?\)"),
+    (["compare", "--rules", "fa,kpp"], r"unknown rule 'kpp' \(did you mean 'kp'\?\)"),
+    (["train", "--config", "digits-all-rule"], r"\(did you mean 'digits-all-rules'\?\)"),
 ]
 
 
@@ -265,7 +276,7 @@ def test_divergence_exits_3_and_keeps_the_checkpoint(
 def test_console_entry_point_has_no_traceback() -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(
-        [sys.executable, "-m", "asymprop", "train", "--rule", "nope"],
+        [sys.executable, "-m", "asymprop", "train", "--rule", "zzz"],
         capture_output=True,
         text=True,
         env=env,
@@ -273,7 +284,7 @@ def test_console_entry_point_has_no_traceback() -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"asymprop: error: unknown rule 'nope'; valid: {', '.join(sorted(asymprop.RULES))}"
+        f"asymprop: error: unknown rule 'zzz'; valid: {', '.join(sorted(asymprop.RULES))}"
     ]
 
 

@@ -193,7 +193,9 @@ def test_conv_padding_variants_forward_and_bp(padding, padding_mode, kernel) -> 
 
 
 def test_unknown_rule_lists_valid_names() -> None:
-    with pytest.raises(ValueError, match=r"unknown rule 'nope'; valid rules: .*bp.*fa"):
+    with pytest.raises(
+        ValueError, match=r"unknown rule 'nope' \(did you mean 'np'\?\); valid rules: .*bp.*fa"
+    ):
         convert(small_mlp(), "nope")
 
 

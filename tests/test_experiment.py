@@ -104,7 +104,7 @@ def test_main_job_is_every_registered_rule_on_digits() -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"rule": "nope"}, r"unknown rule 'nope'; valid: .*bp"),
+        ({"rule": "zzz"}, r"unknown rule 'zzz'; valid: .*bp"),
         ({"model": "nope"}, r"unknown model 'nope'; valid: .*mlp"),
         ({"data": "nope"}, r"unknown data 'nope'; valid: .*digits"),
         ({"optimizer": "nope"}, r"unknown optimizer 'nope'; valid: sgd"),

@@ -278,7 +278,9 @@ def test_modern_architectures_shapes_and_layers():
         build_model("vit", (1, 40), 10)
     with pytest.raises(ValueError, match="patch 5 does not divide"):
         build_model("vit", (1, 28, 28), 10, patch=5)
-    with pytest.raises(ValueError, match="unknown cell 'lru'; valid: lstm, gru, rnn"):
+    with pytest.raises(
+        ValueError, match=r"unknown cell 'lru' \(did you mean 'gru'\?\); valid: lstm, gru, rnn"
+    ):
         build_model("rnn1d", (1, 40), 10, cell="lru")
     with pytest.raises(ValueError, match="multiple of heads"):
         build_model("transformer1d", (1, 40), 10, dim=10, heads=4)

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch.optim.optimizer import ParamsT
 
+from .rules import did_you_mean
+
 __all__ = ["OPTIMIZERS", "SETTINGS", "BatchManhattan", "make_optimizer"]
 
 SETTINGS: tuple[int, ...] = (1, 2, 3)
@@ -218,4 +220,7 @@ def make_optimizer(
         return BatchManhattan(
             params, lr=lr, momentum=momentum, weight_decay=weight_decay, setting=int(key[2])
         )
-    raise ValueError(f"unknown optimizer name {name!r}; valid names are {list(OPTIMIZERS)}")
+    raise ValueError(
+        f"unknown optimizer name {name!r}{did_you_mean(key, OPTIMIZERS)}; valid names are "
+        f"{list(OPTIMIZERS)}"
+    )

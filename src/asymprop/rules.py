@@ -29,10 +29,11 @@ A new rule is one class and one ``@register_rule`` line::
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
@@ -54,6 +55,7 @@ __all__ = [
     "NuSF",
     "RndF",
     "StepContext",
+    "did_you_mean",
     "make_rule",
     "register_rule",
 ]
@@ -168,7 +170,10 @@ def make_rule(rule: str | FeedbackRule, **options: Any) -> FeedbackRule:
     if isinstance(rule, str):
         key = rule.lower()
         if key not in RULES:
-            raise ValueError(f"unknown rule {rule!r}; valid rules: {', '.join(sorted(RULES))}")
+            raise ValueError(
+                f"unknown rule {rule!r}{did_you_mean(key, RULES)}; valid rules: "
+                f"{', '.join(sorted(RULES))}"
+            )
         cls = RULES[key]
         _check_option_names(cls, options)
         return cls(**options)
@@ -183,7 +188,10 @@ def _check_option_names(cls: type[FeedbackRule], options: dict[str, Any]) -> Non
     for key in options:
         if key not in valid:
             choices = ", ".join(valid) if valid else "none"
-            raise TypeError(f"rule {cls.name!r} has no option {key!r}; valid options: {choices}")
+            raise TypeError(
+                f"rule {cls.name!r} has no option {key!r}{did_you_mean(key, valid)}; valid "
+                f"options: {choices}"
+            )
 
 
 def _check_option_types(rule: FeedbackRule) -> None:
@@ -221,6 +229,20 @@ def _describe(hint: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(h) for h in typing.get_args(hint))
     return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def did_you_mean(name: object, choices: Iterable[str]) -> str:
+    """``" (did you mean 'kp'?)"`` for the closest of ``choices`` to a mistyped ``name``, or ``""``.
+
+    Every "unknown name" message of asymprop and its harness appends it before listing the
+    valid choices.
+
+    Example:
+        >>> did_you_mean("dfx", ["bp", "dfa", "fa"])
+        " (did you mean 'dfa'?)"
+    """
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def check_positive(rule: FeedbackRule, *options: str) -> None:

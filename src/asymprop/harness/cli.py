@@ -693,8 +693,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .compare import report
 
+    started = time.time()
     table = _check(lambda: report(args.directory))
     print(table, end="")
+    out = Path(args.directory)
+    written = [
+        p.name for p in sorted(out.iterdir()) if p.is_file() and p.stat().st_mtime >= started
+    ]
+    print(f"wrote {out}: {', '.join(written) or 'nothing'}")
     return 0
 
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..rules import RULES
+from ..rules import RULES, did_you_mean
 from ..train import DivergenceError
 from .distributed import DistInfo
 from .experiment import (
@@ -177,7 +177,8 @@ def compare_config(data: Mapping[str, Any], source: str = "config") -> CompareCo
             else ""
         )
         raise ConfigError(
-            f"{source}: unknown setting {unknown[0]!r}{hint}; valid settings: "
+            f"{source}: unknown setting {unknown[0]!r}{hint or did_you_mean(unknown[0], own)}; "
+            "valid settings: "
             f"{', '.join(sorted(own))}, {', '.join(SHARED)}"
         )
     mine = {key: value for key, value in data.items() if key in own}
@@ -228,7 +229,8 @@ def plan(
         for name in getattr(config, what):
             if name not in RULES:
                 raise ConfigError(
-                    f"{what} names unknown rule {name!r}; valid rules: {', '.join(RULES)}"
+                    f"{what} names unknown rule {name!r}{did_you_mean(name, RULES)}; valid "
+                    f"rules: {', '.join(RULES)}"
                 )
     runs: list[tuple[RunConfig, int]] = []
     steps: dict[tuple[str, str, str], int] = {}

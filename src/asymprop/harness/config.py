@@ -24,7 +24,7 @@ import torch
 
 from ..mirror import WM
 from ..optim import OPTIMIZERS
-from ..rules import RULES, make_rule
+from ..rules import RULES, did_you_mean, make_rule
 from .data import list_datasets
 from .models import list_models
 from .records import parse_scalar
@@ -68,7 +68,8 @@ def find_config(name: str) -> Path:
         if place.is_file():
             return place
     raise FileNotFoundError(
-        f"config {name!r} not found: looked for the file {str(path)!r}, "
+        f"config {name!r} not found{did_you_mean(name, named_configs())}: looked for the file "
+        f"{str(path)!r}, "
         f"{str(places[0])!r} and the packaged {str(places[1])!r}; "
         f"packaged configs: {', '.join(named_configs())}"
     )
@@ -291,7 +292,8 @@ def config_from_dict(cls: type[Any], data: Mapping[str, Any], source: str = "con
     for key, value in data.items():
         if key not in fields:
             raise ConfigError(
-                f"{source}: unknown setting {key!r}; valid settings: {', '.join(fields)}"
+                f"{source}: unknown setting {key!r}{did_you_mean(key, fields)}; valid settings: "
+                f"{', '.join(fields)}"
             )
         value = _coerce(value, hints[key])
         if not _matches(value, hints[key]):
@@ -435,7 +437,9 @@ def check_config(config: RunConfig, world_size: int = 1) -> None:
 
 def _choice(name: str, value: str, valid: list[str]) -> None:
     if value not in valid:
-        raise ConfigError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+        raise ConfigError(
+            f"unknown {name} {value!r}{did_you_mean(value, valid)}; valid: {', '.join(valid)}"
+        )
 
 
 def resolve_device(name: str) -> torch.device:

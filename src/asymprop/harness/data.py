@@ -56,6 +56,8 @@ import torch
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Subset, TensorDataset
 
+from ..rules import did_you_mean
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -224,7 +226,10 @@ def load_dataset(
         torch.Size([100, 1, 8, 8])
     """
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(list_datasets())}")
+        raise ValueError(
+            f"unknown dataset {name!r}{did_you_mean(name, list_datasets())}; valid names: "
+            f"{', '.join(list_datasets())}"
+        )
     root = Path(data_dir).expanduser() if data_dir is not None else None
     ds = DATASETS[name](root, download, seed, normalize)
     if train_size is not None:

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from ..convert import feedback_layers, unwrap
 from ..layers import FeedbackContainer, FeedbackLayer, is_sharded, reshard
+from ..rules import did_you_mean
 
 __all__ = [
     "STRATEGIES",
@@ -129,7 +130,10 @@ def wrap(model: nn.Module, info: DistInfo, strategy: str = "ddp") -> nn.Module:
     hold the sharded Parameters).
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+        raise ValueError(
+            f"unknown strategy {strategy!r}{did_you_mean(strategy, STRATEGIES)}; valid: "
+            f"{', '.join(STRATEGIES)}"
+        )
     if not info.distributed:
         return model
     if strategy == "fsdp":

@@ -45,6 +45,8 @@ from typing import TypeVar, final
 import torch
 from torch import nn
 
+from ..rules import did_you_mean
+
 __all__ = [
     "MODELS",
     "BasicBlock",
@@ -118,8 +120,8 @@ def build_model(
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise TypeError(
-            f"model {name!r} has no option {unknown[0]!r}; valid options: "
-            + (", ".join(sorted(valid)) or "none")
+            f"model {name!r} has no option {unknown[0]!r}{did_you_mean(unknown[0], valid)}; "
+            "valid options: " + (", ".join(sorted(valid)) or "none")
         )
     shape = tuple(int(s) for s in input_shape)
     return MODELS[name](shape, int(num_classes), **options)
@@ -127,7 +129,10 @@ def build_model(
 
 def _check_name(name: str) -> None:
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
+        raise ValueError(
+            f"unknown model {name!r}{did_you_mean(name, list_models())}; valid names: "
+            f"{', '.join(list_models())}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +154,10 @@ class _BatchNorm:
 
 def _activation(name: str) -> nn.Module:
     if name not in _ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; valid: {', '.join(_ACTIVATIONS)}")
+        raise ValueError(
+            f"unknown activation {name!r}{did_you_mean(name, _ACTIVATIONS)}; valid: "
+            f"{', '.join(_ACTIVATIONS)}"
+        )
     return _ACTIVATIONS[name]()
 
 
@@ -936,7 +944,9 @@ def rnn1d(
     Example: ``rnn1d((1, 40), 10, cell="lstm")(torch.zeros(2, 1, 40)).shape == (2, 10)``.
     """
     if cell not in _CELLS:
-        raise ValueError(f"unknown cell {cell!r}; valid: {', '.join(_CELLS)}")
+        raise ValueError(
+            f"unknown cell {cell!r}{did_you_mean(cell, _CELLS)}; valid: {', '.join(_CELLS)}"
+        )
     channels, _ = _sequence_shape("rnn1d", input_shape)
     rnn = _CELLS[cell](channels, hidden, num_layers=layers, batch_first=True)
     return RecurrentClassifier(rnn, num_classes)
