@@ -156,10 +156,6 @@ class Interrupted(Exception):  # noqa: N818 (an event, not an error)
         self.signal_name, self.signum, self.epoch, self.step = signal_name, signum, epoch, step
 
 
-class _Rollback(Exception):  # noqa: N818
-    """A weight went non-finite under ``on_divergence: skip``: back to the last checkpoint."""
-
-
 class Progress(Protocol):
     """What the loop reports steps to (a ``tqdm`` bar fits)."""
 
@@ -207,6 +203,7 @@ class Run:
     lr_scale: float = 1.0  # lowered by ``on_divergence: skip``
     divergence_skips: int = 0
     skipped_step: int | None = None  # the last step skipped for a non-finite loss
+    rollback: str | None = None  # why the loop must go back to the last checkpoint (skip mode)
     rows: list[dict[str, Any]] = field(default_factory=list)  # metrics.csv so far
     saved_step: int | None = None  # the step of the last checkpoint written or loaded
     epoch_started: float = field(default_factory=time.perf_counter)
@@ -486,6 +483,9 @@ def train_epoch(
     ``checkpoints``, ``checkpoint.pt`` every ``checkpoint_every_steps`` steps and when ``stop``
     has caught a signal.
 
+    Under ``on_divergence: skip`` a non-finite weight (or two skipped steps in a row) ends the
+    epoch early with ``run.rollback`` saying why: the caller goes back to the last checkpoint.
+
     Raises:
         RunDivergedError: a NaN or inf in the loss, a weight or a feedback weight.
         Interrupted: ``stop`` caught SIGINT/SIGTERM (after a checkpoint, with ``checkpoints``).
@@ -503,17 +503,23 @@ def train_epoch(
             example, loss = None, math.nan
         else:
             loss = _engaged_step(run, epoch, inputs, targets)
+            if run.rollback is not None:  # two skipped steps in a row: the caller goes back
+                return math.nan
         run.step, run.batch = run.step + 1, run.batch + 1
         if math.isfinite(loss):
             run.loss_sum, run.loss_count = run.loss_sum + loss, run.loss_count + 1
         if progress is not None:  # redrawn by update() at most every 0.1 s
             progress.set_postfix_str(f"{config.rule} epoch {epoch} loss {loss:.3f}", False)
             progress.update(1)
-        if run.step % config.check_every_steps == 0:
-            _check_state(run, epoch)
+        if run.rollback is None and run.step % config.check_every_steps == 0:
+            run.rollback = _check_state(run, epoch)
+        if run.rollback is not None:  # the caller goes back to the last checkpoint
+            return math.nan
         stopping = stop is not None and _any_rank(run, stop.requested)
         if checkpoints and (stopping or (every is not None and run.step % every == 0)):
-            _check_state(run, epoch)  # never write NaN weights over a good checkpoint
+            run.rollback = _check_state(run, epoch)  # never write NaN weights over a good one
+            if run.rollback is not None:
+                return math.nan
             save_checkpoint(run, config.run_dir / CHECKPOINT)
         if stopping:
             assert stop is not None and stop.signum is not None
@@ -544,7 +550,8 @@ def _engaged_step(run: Run, epoch: int, inputs: Tensor, targets: Tensor) -> floa
         detail = str(err).split(" (rule")[0]
         if config.on_divergence == "skip" and run.divergence_skips < config.max_divergence_skips:
             if run.skipped_step == run.step:  # the step before was skipped too
-                raise _Rollback(f"steps {run.step} and {run.step + 1}: {detail}") from err
+                run.rollback = f"steps {run.step} and {run.step + 1}: {detail}"
+                return math.nan
             _back_off(run, f"step {run.step + 1}: {detail}; step skipped")
             run.skipped_step = run.step + 1
             return math.nan
@@ -612,16 +619,21 @@ def _culprit(run: Run) -> str:
     )
 
 
-def _check_state(run: Run, epoch: int) -> None:
-    """Scan weights, feedback weights and rule buffers; stop or roll back on NaN/inf."""
+def _check_state(run: Run, epoch: int) -> str | None:
+    """Scan weights, feedback weights and rule buffers for NaN/inf: None when all are finite,
+    else why to go back to the last checkpoint (``on_divergence: skip`` with skips left).
+
+    Raises:
+        RunDivergedError: a NaN/inf with ``on_divergence: stop`` or no skip left.
+    """
     bad = _first_nonfinite(run)
     if bad is None:
-        return
+        return None
     layer, attr, kind = bad
     what = f"{attr} of layer {layer!r} is {kind}"
     config = run.config
     if config.on_divergence == "skip" and run.divergence_skips < config.max_divergence_skips:
-        raise _Rollback(f"after step {run.step}: {what}")
+        return f"after step {run.step}: {what}"
     raise _diverged(run, epoch, run.step, f"{what} after this step")
 
 
@@ -971,10 +983,9 @@ def train(
             row = {"epoch": 0, "step": 0, "train_loss": math.nan, **evaluate(run)}
             record({**row, "seconds": time.perf_counter() - run.epoch_started})
         while run.epoch < config.epochs:
-            try:
-                _epochs(run, progress, stop, record)
-            except _Rollback as rollback:
-                _roll_back(run, path, str(rollback))
+            _epochs(run, progress, stop, record)
+            if run.rollback is not None:  # on_divergence: skip, and a weight went non-finite
+                _roll_back(run, path, run.rollback)
                 if run.is_main:
                     _rewrite_metrics(run, columns)
     if writer is not None:
@@ -996,8 +1007,11 @@ def _epochs(
         epoch = run.epoch + 1
         run.epoch_started = time.perf_counter()
         train_loss = train_epoch(run, epoch, progress, stop, checkpoints=True)
-        row = {"epoch": epoch, "step": run.step, "train_loss": train_loss, **evaluate(run)}
-        _check_state(run, epoch)
+        if run.rollback is None:
+            row = {"epoch": epoch, "step": run.step, "train_loss": train_loss, **evaluate(run)}
+            run.rollback = _check_state(run, epoch)
+        if run.rollback is not None:
+            return  # train() goes back to the last checkpoint
         row["seconds"] = run.seconds + time.perf_counter() - run.epoch_started
         run.epoch, run.batch, run.loss_sum, run.loss_count, run.seconds = epoch, 0, 0.0, 0, 0.0
         record(row)
@@ -1012,6 +1026,7 @@ def _epochs(
 
 def _roll_back(run: Run, path: Path, what: str) -> None:
     """``on_divergence: skip`` after a non-finite weight: the last checkpoint, a lower lr."""
+    run.rollback = None
     if not path.exists():
         raise _diverged(run, run.epoch + 1, run.step, f"{what}; no checkpoint to go back to")
     scale, skips = run.lr_scale, run.divergence_skips
