@@ -31,7 +31,7 @@ from .metrics import alignment, angle_deg, delta_alignment
 from .mirror import mirror
 from .norm import sigma_batchnorm
 from .rules import RULES, FeedbackRule, StepContext, make_rule, register_rule
-from .train import DivergenceError, train_step, update_feedback
+from .train import DivergenceError, feedback_step, train_step, update_feedback
 
 __version__ = "0.1.0"
 
@@ -59,6 +59,7 @@ __all__ = [
     "direct",
     "exact_backprop",
     "feedback_layers",
+    "feedback_step",
     "functional",
     "is_feedback_layer",
     "make_rule",

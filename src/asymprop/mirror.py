@@ -287,6 +287,16 @@ class WM(FeedbackRule):
         for layer in pending:
             layer.feedback_state["warmed_up"] = True
 
+    has_feedback_mode = True
+
+    def feedback_step(
+        self, model: nn.Module, layers: Sequence[FeedbackLayer], example_input: Tensor | None
+    ) -> None:
+        """One step of mirror mode (000 App. D.2's pre-training) on ``layers``."""
+        if example_input is not None:
+            record_input_shapes(model, example_input)
+        self.mirror_steps_(layers, 1)
+
     def mirror_steps_(
         self,
         layers: Sequence[FeedbackLayer],

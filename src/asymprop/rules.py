@@ -139,6 +139,17 @@ class FeedbackRule:
     def after_backward(self, step: StepContext) -> None:
         """``train_step`` hook, after ``loss.backward()`` and before ``optimizer.step()``."""
 
+    #: the rule has a mode that changes only B, without the task's data (weight mirrors'
+    #: mirror mode): :func:`asymprop.train.feedback_step` runs it.
+    has_feedback_mode: ClassVar[bool] = False
+
+    def feedback_step(
+        self, model: nn.Module, layers: Sequence[FeedbackLayer], example_input: Tensor | None
+    ) -> None:
+        """One step of the feedback-only mode on ``layers`` (``has_feedback_mode`` rules);
+        ``example_input``, if given, is a batch from which layers learn their input shapes."""
+        raise NotImplementedError(f"rule {self.name!r} has no feedback-only mode")
+
 
 RULES: dict[str, type[FeedbackRule]] = {}
 """Registry: rule name -> rule class. ``list(asymprop.RULES)`` gives the names."""

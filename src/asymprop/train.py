@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 from .convert import feedback_layers
 from .layers import FeedbackLayer
-from .rules import FeedbackRule, StepContext
+from .rules import RULES, FeedbackRule, StepContext
 
-__all__ = ["DivergenceError", "rules_of", "train_step", "update_feedback"]
+__all__ = ["DivergenceError", "feedback_step", "rules_of", "train_step", "update_feedback"]
 
 
 class DivergenceError(FloatingPointError):
@@ -71,6 +71,34 @@ def update_feedback(model: nn.Module) -> None:
                 "instead of optimizer.step() + asymprop.update_feedback(model)"
             )
     _update(layers)
+
+
+def feedback_step(model: nn.Module, example_input: Tensor | None = None) -> None:
+    """One step of the feedback-only mode of the model's rules (weight mirrors: one mirror
+    step, 000 App. D.2), the forward path untouched; e.g. epochs of it before training.
+
+    Args:
+        model: a converted model.
+        example_input: a batch, run once (eval mode, no grad) so that layers learn their input
+            shapes; needed once before the first step for layers that have not run yet.
+
+    Raises:
+        ValueError: no rule of ``model`` has a feedback-only mode (``has_feedback_mode``).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> model = asymprop.convert(net, "wm", seed=0)
+        >>> asymprop.feedback_step(model, example_input=torch.randn(4, 8))
+    """
+    groups = [(rule, owned) for rule, owned in rules_of(_layers(model)) if rule.has_feedback_mode]
+    if not groups:
+        names = ", ".join(sorted(rule.name for rule in RULES.values() if rule.has_feedback_mode))
+        raise ValueError(
+            f"{type(model).__name__} has no rule with a feedback-only mode (rules that have one: "
+            f"{names})"
+        )
+    for rule, owned in groups:
+        rule.feedback_step(model, owned, example_input)
 
 
 def _update(layers: Sequence[tuple[str, FeedbackLayer]]) -> None:

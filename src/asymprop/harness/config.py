@@ -22,7 +22,6 @@ from typing import Any, Literal
 
 import torch
 
-from ..mirror import WM
 from ..optim import OPTIMIZERS
 from ..rules import RULES, did_you_mean, make_rule
 from .data import list_datasets
@@ -416,9 +415,11 @@ def check_config(config: RunConfig, world_size: int = 1) -> None:
             " (or leave out --tensorboard)"
         )
     rule = make_rule(config.rule, **config.rule_options)  # unknown/ill-typed/out-of-range options
-    if config.mirror_warmup_epochs and not isinstance(rule, WM):
+    if config.mirror_warmup_epochs and not rule.has_feedback_mode:
+        modes = ", ".join(sorted(name for name, cls in RULES.items() if cls.has_feedback_mode))
         raise ConfigError(
-            f"mirror_warmup_epochs is for the weight-mirror rule (wm), not {config.rule!r}"
+            f"mirror_warmup_epochs runs a rule's feedback-only mode, which {config.rule!r} does "
+            f"not have (rules with one: {modes})"
         )
     if config.mirror_warmup_epochs > config.epochs:
         raise ConfigError(

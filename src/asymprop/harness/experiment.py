@@ -81,9 +81,8 @@ from torch.utils.data import Dataset as TorchDataset
 from ..convert import convert, feedback_layers
 from ..layers import reshard
 from ..metrics import alignment, delta_alignment
-from ..mirror import mirror
 from ..optim import make_optimizer
-from ..train import DivergenceError, train_step
+from ..train import DivergenceError, feedback_step, train_step
 from .checkpoint import (
     SHARDED_DIR,
     CheckpointError,
@@ -499,7 +498,7 @@ def train_epoch(
         inputs, labels = inputs.to(run.device), labels.to(run.device)
         targets = labels if run.task == "classification" else inputs
         if mirror_only:  # 000 App. D.2: B learns W's transpose before any engaged step
-            mirror(run.module, 1, example_input=example)
+            feedback_step(run.module, example_input=example)  # wm: one mirror step
             example, loss = None, math.nan
         else:
             loss = _engaged_step(run, epoch, inputs, targets)
