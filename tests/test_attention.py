@@ -527,7 +527,9 @@ def test_state_dict_keys_loading_and_revert() -> None:
     assert "body.encoder.layers.0.self_attn.in_proj.feedback_weight" in extra
     assert "body.decoder.layers.0.multihead_attn.out_proj.feedback_weight" in extra
     result = model.load_state_dict(plain.state_dict(), strict=False)
-    assert set(result.missing_keys) == extra and not result.unexpected_keys
+    # missing: B; not frsf's empty rule state, whose absence load_state_dict accepts
+    assert set(result.missing_keys) == {k for k in extra if not k.endswith("._extra_state")}
+    assert not result.unexpected_keys
     # a pickled converted model (the hook is a module-level function) runs the same
     x = torch.randn(2, 6, 16)
     torch.testing.assert_close(pickle.loads(pickle.dumps(model))(x), model(x))

@@ -269,7 +269,9 @@ def test_fsdp_run_equals_one_process_on_the_global_batch(tmp_path: Path) -> None
                 assert value == pytest.approx(ref[key], rel=1e-5, abs=1e-6, nan_ok=True), key
     sharded = _weights(out)["model"]
     whole = read_checkpoint(single / "checkpoint.pt")["model"]
-    assert sharded.keys() == whole.keys()
+    # DCP flattens nested dicts, so kp's empty rule state ({}) leaves no entry (loads fine)
+    empty = {k for k, v in whole.items() if k.endswith("._extra_state") and v == {}}
+    assert sharded.keys() == whole.keys() - empty
     for key, value in whole.items():
         if torch.is_tensor(value):
             torch.testing.assert_close(sharded[key], value, rtol=1e-5, atol=1e-6, msg=key)

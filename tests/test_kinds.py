@@ -544,16 +544,15 @@ CHECKPOINTS = Path(__file__).parent / "data" / "checkpoints-0.1.0.pt"
 def test_checkpoints_of_0_1_0_load_and_continue_exactly(rule: str) -> None:
     """State dicts saved before the layer-kind interface (tests/data/make_checkpoints_0_1_0.py)
     load (strict), and one more step gives the state 0.1.0 gave, bit for bit. Today's keys are
-    0.1.0's but the entries that held nothing: bp's alias of W and an empty ``_extra_state``."""
+    0.1.0's but bp's alias of W."""
     saved = torch.load(CHECKPOINTS, weights_only=False)[rule]
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3)
     )
     convert(model, rule, seed=1, **({"draw": "exact"} if rule == "brsf" else {}))  # 0.1.0's M
-    empty = [k for k, v in saved["state"].items() if k.endswith("_extra_state") and v == {}]
     alias = [k for k in saved["state"] if rule == "bp" and k.endswith("feedback_weight")]
-    assert list(model.state_dict()) == [k for k in saved["state"] if k not in empty + alias]
+    assert list(model.state_dict()) == [k for k in saved["state"] if k not in alias]
     model.load_state_dict(saved["state"])
     opt = torch.optim.SGD(model.parameters(), lr=0.01, weight_decay=1e-3)
     train_step(model, opt, CE, saved["x"], saved["y"])

@@ -486,9 +486,12 @@ def test_state_dict_keys_parameters_revert_dtype_and_copies() -> None:
     model = convert(copy.deepcopy(reference), "kp", seed=0)
     originals = copy.deepcopy(reference).state_dict()
     state = model.state_dict()
-    # the weights keep their keys; the sites add B (kp keeps no other state)
+    # the weights keep their keys; the sites add B and their rule state
     assert set(originals) <= set(state)
-    assert {k.split(".", 1)[1] for k in set(state) - set(originals)} == {"feedback_weight"}
+    assert {k.split(".", 1)[1] for k in set(state) - set(originals)} == {
+        "feedback_weight",
+        "_extra_state",
+    }
     x = torch.randn(STEPS, BATCH, IN)
     torch.testing.assert_close(model(x)[0], reference(x)[0], rtol=1e-6, atol=1e-7)
 

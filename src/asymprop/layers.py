@@ -283,15 +283,16 @@ class FeedbackLayer(nn.Module):
         return generator
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
-        """Only tensors that hold something: no ``feedback_weight`` entry when B *is* W (bp: the
-        alias would be a second name for ``weight``), no ``_extra_state`` when the rule keeps no
-        state (fixed and sign rules, kp), so ``safetensors.torch.save_file(model.state_dict())``
-        and tools that expect tensors work; ``load_state_dict`` accepts both forms."""
+        """No ``feedback_weight`` entry when B *is* W (bp: the alias would be a second name for
+        ``weight``, which DDP, ``torch.compile`` and ``torch.distributed.checkpoint`` state
+        dicts and safetensors refuse). ``_extra_state`` (the rule's state, a dict) is always
+        there, as ``torch.distributed.checkpoint`` expects of a module that has extra state; a
+        rule without state has ``{}``, and ``load_state_dict`` accepts its absence, so the
+        tensors alone (``{k: v for k, v in state.items() if torch.is_tensor(v)}``) are the
+        whole state of such a model, e.g. for ``safetensors.torch.save_file``."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self._parameters.get("feedback_weight") is self.weight:
             destination.pop(prefix + "feedback_weight", None)
-        if not self.feedback_state:
-            destination.pop(prefix + "_extra_state", None)
 
     def _load_from_state_dict(
         self,
@@ -306,7 +307,7 @@ class FeedbackLayer(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        omitted = set()  # what _save_to_state_dict leaves out, when it still holds nothing here
+        omitted = set()  # bp's alias of W (never saved), and a stateless rule's empty state
         if self._parameters.get("feedback_weight") is self.weight:
             omitted.add(prefix + "feedback_weight")
         if not self.feedback_state:
