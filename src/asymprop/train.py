@@ -144,9 +144,10 @@ def train_step(
         loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``.
         inputs, targets: one minibatch.
         scaler: float16's ``torch.amp.GradScaler``: the loss is scaled for ``backward`` and
-            ``scaler.step`` unscales the gradients (skipping the step on an overflow); the
-            feedback update follows as usual. Not with rules that learn B from the batch's
-            errors (``np``, ``sg``: their regression would read scaled errors). Autocast
+            ``scaler.step`` unscales the gradients; on an overflow it skips the step and lowers
+            the scale, and the feedback update is skipped too (the step did not happen). Not
+            with rules that learn B from the batch's errors (``np``, ``sg``: their regression
+            would read scaled errors). Autocast
             belongs to the forward pass: run ``model`` under ``torch.autocast`` (e.g. a module
             whose ``forward`` enters it), so that every pass a rule makes uses it too.
 
@@ -188,7 +189,10 @@ def train_step(
     if scaler is None:
         optimizer.step()
     else:
+        scale = scaler.get_scale()
         scaler.step(optimizer)  # unscales the gradients; skips the step if one is inf/NaN
         scaler.update()
+        if scaler.get_scale() < scale:  # an overflow: no step, and so no feedback update
+            return value  # (matched would step B on the inf gradient, brsf redraw for nothing)
     _update(layers)
     return value
