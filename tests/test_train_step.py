@@ -54,8 +54,8 @@ def test_an_overflow_skips_the_step_and_the_feedback_update(rule: str) -> None:
     for name, value in model.state_dict().items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, before[name]), name  # skipped: W and B unchanged
-        else:
-            assert value == before[name], name  # rule state (stream positions) too
+        else:  # no random draw either (wm records its input shape in the forward pass)
+            assert value.get("rng") == before[name].get("rng"), name
     assert scaler.get_scale() < 2.0**100  # and the scale backed off
 
 
