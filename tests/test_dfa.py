@@ -428,6 +428,31 @@ def test_chain_scale_sends_rho_times_the_layers_own_output_error() -> None:
         assert math.isclose(float(errors[name][0].norm()), expected, rel_tol=1e-9), name
 
 
+@pytest.mark.parametrize("first", ["nan", "zero"])
+def test_chain_scale_waits_for_a_batch_it_can_calibrate_on(first: str) -> None:
+    """A first backward with a non-finite or zero output error (an overflowing float16 step, a
+    fitted batch) fixes nothing: B is drawn again, the same, at the next batch and calibrated
+    there, exactly as if that batch had come first."""
+    x, y = torch.randn(6, 7), torch.randn(6, 4)
+    torch.manual_seed(0)
+    model = convert(_mlp(), "dfa", seed=5)
+    torch.manual_seed(0)
+    reference = convert(_mlp(), "dfa", seed=5)
+    out = model(x)
+    if first == "nan":
+        (out.sum() * math.nan).backward()
+    else:
+        (out.sum() * 0.0).backward()
+    assert model[2].feedback_weight.numel() == 0 and model[4].feedback_weight.numel() == 0
+    model.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    F.mse_loss(reference(x), y).backward()
+    for name in ("2", "4"):
+        layer, twin = dict(model.named_children())[name], dict(reference.named_children())[name]
+        assert torch.equal(layer.feedback_weight, twin.feedback_weight), name
+        assert layer.get_extra_state() == twin.get_extra_state(), name
+
+
 def test_chain_scale_sends_backprops_error_norms_at_initialisation() -> None:
     """The reason for the default: on a ReLU LeNet-5 at PyTorch's initialisation, backprop's
     errors shrink ~2.4x per layer going down; "chain" follows them (within 25%), while

@@ -204,13 +204,17 @@ def test_dfa_chain_scale_is_fixed_eagerly_before_a_transform() -> None:
     x, y = _batch("mlp")
     with pytest.raises(RuntimeError, match="ordinary backward pass first"):
         _per_example_grads(model, x, y)
-    F.cross_entropy(twin(x), y).backward()  # fixes B
-    b = twin[2].feedback_weight.clone()
-    per_example = _per_example_grads(twin, x, y)
-    for n, expected in enumerate(_loop_grads(twin, x, y)):
+    assert model[2].feedback_weight.numel() == 0  # refused before the draw: nothing fixed
+    F.cross_entropy(model(x), y).backward()  # fixes B, as on a model never transformed
+    F.cross_entropy(twin(x), y).backward()
+    assert torch.equal(model[2].feedback_weight, twin[2].feedback_weight)
+    b = model[2].feedback_weight.clone()
+    model.zero_grad()
+    per_example = _per_example_grads(model, x, y)
+    for n, expected in enumerate(_loop_grads(model, x, y)):
         for name, g in expected.items():
             torch.testing.assert_close(per_example[name][n], g, rtol=0, atol=1e-10, msg=name)
-    assert torch.equal(twin[2].feedback_weight, b)
+    assert torch.equal(model[2].feedback_weight, b)
 
 
 def test_forward_mode_is_refused() -> None:

@@ -95,10 +95,11 @@ _CALLS = itertools.count()
 
 #: ``draw(layer, shape, generator) -> Tensor``: B's initial value, drawn when first needed.
 Draw = Callable[["FeedbackLayer", tuple[int, ...], torch.Generator], Tensor]
-#: ``calibrate(layer, sent, delta, is_output) -> factor``: called once, right after B's draw, with
-#: the error ``e @ B`` about to be sent to the layer's input and the error ``delta`` at the
-#: layer's output; B (and what is sent) is multiplied by the factor returned.
-Calibrate = Callable[["FeedbackLayer", Tensor, Tensor, bool], float]
+#: ``calibrate(layer, sent, delta, is_output) -> factor``: called right after B's draw, with the
+#: error ``e @ B`` about to be sent to the layer's input and the error ``delta`` at the layer's
+#: output; B (and what is sent) is multiplied by the factor returned, or, for None (nothing to
+#: calibrate on), B is emptied again and drawn anew, identically, at the next backward pass.
+Calibrate = Callable[["FeedbackLayer", Tensor, Tensor, bool], "float | None"]
 
 
 @dataclass(eq=False)
@@ -181,22 +182,34 @@ class _DirectError(torch.autograd.Function):
             error = graph.error
             assert error is not None
             input_shape = tuple(ctx.input_shape)
-            fresh = call.layer.feedback_weight.numel() == 0
-            feedback = direct_feedback(call.layer, error, input_shape, call.draw)
+            layer = call.layer
+            calibrating = call.calibrate is not None and layer.feedback_weight.numel() == 0
+            if calibrating and torch._C._functorch.peek_interpreter_stack() is not None:
+                raise RuntimeError(  # before the draw: B stays empty for the eager pass
+                    f"dfa: {_describe(layer)} draws B with scale='chain', which fixes B's scale "
+                    "on the first batch, inside a torch.func transform: run one ordinary "
+                    "backward pass first (e.g. a training step), or convert with scale='input' "
+                    "or scale='output'"
+                )
+            feedback = direct_feedback(layer, error, input_shape, call.draw)
             grad_input = project(error, feedback.to(error.dtype), input_shape)
-            if fresh and call.calibrate is not None:
-                if torch._C._functorch.peek_interpreter_stack() is not None:
-                    raise RuntimeError(
-                        f"dfa: {_describe(call.layer)} draws B with scale='chain', which fixes "
-                        "B's scale on the first batch, inside a torch.func transform: run one "
-                        "ordinary backward pass first (e.g. a training step), or convert with "
-                        "scale='input' or scale='output'"
-                    )
-                factor = call.calibrate(call.layer, grad_input, grad_output, call is output)
-                with torch.no_grad(), torch._C._DisableFuncTorch():
-                    feedback.mul_(factor)
-                grad_input = grad_input * factor
+            if calibrating:
+                assert call.calibrate is not None
+                factor = call.calibrate(layer, grad_input, grad_output, call is output)
+                if factor is None:  # nothing to calibrate on: draw again at the next batch
+                    _undraw(layer)
+                else:
+                    with torch.no_grad(), torch._C._DisableFuncTorch():
+                        feedback.mul_(factor)
+                    grad_input = grad_input * factor
         return grad_output, grad_input, None
+
+
+def _undraw(layer: FeedbackLayer) -> None:
+    """Empty B again and rewind its stream by the draw, so the next batch draws the same B."""
+    with torch.no_grad(), torch._C._DisableFuncTorch():
+        layer.feedback_weight.resize_(0)
+    layer.feedback_state["rng"][1] -= 1
 
 
 def _describe(layer: FeedbackLayer) -> str:
@@ -478,12 +491,15 @@ class DFA(FeedbackRule):
 
     def calibrate(
         self, layer: FeedbackLayer, sent: Tensor, delta: Tensor, is_output: bool
-    ) -> float:
+    ) -> float | None:
         """``scale="chain"``: B's factor, fixed on the first batch, so that ``||e @ B||`` equals
         ``rho ||delta||`` (times ``gain`` at the output layer), ``rho^2 = fan_in mean(W^2)``.
 
-        Under ``torch.distributed`` the two sums are added over ranks (one ``all_reduce`` per
-        layer, once), so every rank draws the B a single process would on the global batch.
+        None when the batch gives nothing to match, and B waits for the next one (drawn again,
+        the same): a non-finite error (an overflowing float16 step), a zero error sent or
+        received, or W all zeros. Under ``torch.distributed`` the two sums are added over ranks
+        (one ``all_reduce`` per layer per try), so every rank decides as one process would on
+        the global batch.
         """
         weight = layer.full_weight().double()  # all-gathered when FSDP shards W
         rho_squared = layer.fan_in * float(weight.square().mean())
@@ -493,7 +509,9 @@ class DFA(FeedbackRule):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
         target, have = float(sums[0]) * rho_squared, float(sums[1])
-        factor = math.sqrt(target / have) if have > 0 and target > 0 else 1.0
+        if not (math.isfinite(target) and math.isfinite(have) and target > 0 and have > 0):
+            return None
+        factor = math.sqrt(target / have)
         return factor * self.gain if is_output else factor
 
     def draw_feedback(
