@@ -53,6 +53,22 @@ def test_training_values_stats_and_parameter_grads_are_bns_input_error_is_gamma_
         assert int(sigma.num_batches_tracked) == int(bn.num_batches_tracked) == 3
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_low_precision_keeps_batch_norms_dtype(autocast: bool) -> None:
+    bn = nn.BatchNorm2d(3)
+    sigma = sigma_batchnorm(copy.deepcopy(bn))
+    x = torch.randn(4, 3, 5, 5)
+    if not autocast:
+        bn, sigma, x = bn.bfloat16(), sigma.bfloat16(), x.bfloat16()
+    x.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        expected, got = bn(x), sigma(x)
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    got.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_evaluation_divides_by_the_running_sigma() -> None:
     bn, sigma = _pair()
     bn.running_var.uniform_(0.5, 4.0)

@@ -22,6 +22,7 @@ Paper: 000 App. D.3 (the batch-normalized ResNets of Tables 1-2 and Fig. 3-4).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -57,9 +58,10 @@ class _SigmaOnly:
         if not input.requires_grad:
             return output
         channels = [1, -1] + [1] * (input.dim() - 2)
-        if use_batch:
+        if use_batch:  # in float32 at least, as batch_norm computes its statistics
             dims = [0, *range(2, input.dim())]
-            var = input.detach().var(dim=dims, unbiased=False)
+            wide = input.detach().to(torch.promote_types(input.dtype, torch.float32))
+            var = wide.var(dim=dims, unbiased=False)
         else:
             assert bn.running_var is not None
             var = bn.running_var
@@ -67,7 +69,8 @@ class _SigmaOnly:
         if bn.weight is not None:
             scale = scale * bn.weight.detach()
         # zero in value; its derivative sends dL/dy * gamma / sigma to the input, nothing else
-        return output + (input - input.detach()) * scale.reshape(channels)
+        scale = scale.to(output.dtype).reshape(channels)  # output keeps BN's dtype (bf16, AMP)
+        return output + (input - input.detach()).to(output.dtype) * scale
 
 
 class SigmaBatchNorm1d(_SigmaOnly, nn.BatchNorm1d):
