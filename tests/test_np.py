@@ -290,6 +290,10 @@ def test_rademacher_draw_is_fair_independent_signs() -> None:
     xi = rademacher_noise((4001, 7, 9), torch.Generator().manual_seed(0), torch.device("cpu"),
                           torch.float64).reshape(4001, -1)  # fmt: skip
     assert set(xi.unique().tolist()) == {-1.0, 1.0}
+    # overall mean: 5 sigma is 0.01 over 252k entries; a constant bit in one of 64 would be 0.016
+    assert abs(float(xi.mean())) < 5 / math.sqrt(xi.numel())
+    bits = (xi.flatten()[: 56 * (xi.numel() // 56)].reshape(-1, 56) > 0).double()
+    assert float((bits.mean(0) - 0.5).abs().max()) < 5 * 0.5 / math.sqrt(bits.shape[0])  # per bit
     sigma = 1 / math.sqrt(xi.shape[0])
     assert float(xi.mean(0).abs().max()) < 5 * sigma  # every position fair
     covariance = xi.T @ xi / xi.shape[0]

@@ -273,7 +273,8 @@ def rademacher_noise(
     n = math.prod(shape)
     words = torch.empty(-(-n // 56), dtype=torch.int64, device=device).random_(generator=generator)
     octets = words.view(torch.uint8).view(-1, 8)[:, :7]  # little-endian: byte 7 holds bit 63
-    bits = (octets.unsqueeze(-1) >> _BITS.to(device)).bitwise_and_(1).reshape(-1)[:n]
+    shifts = _BITS if device.type == "cpu" else torch.arange(8, dtype=torch.uint8, device=device)
+    bits = (octets.unsqueeze(-1) >> shifts).bitwise_and_(1).reshape(-1)[:n]
     return (bits.view(shape).to(dtype) * 2).sub_(1)
 
 

@@ -543,7 +543,9 @@ def _grid_uniform(out: Tensor, generator: torch.Generator) -> Tensor:
     words = torch.empty(-(-out.numel() // 4), dtype=torch.int64, device=out.device)
     words.random_(generator=generator).bitwise_and_(0x7FFF_7FFF_7FFF_7FFF)
     k = words.view(torch.int16)[: out.numel()].view(out.shape)
-    half_step = torch.tensor(2.0 ** -(_GRID_BITS + 1), dtype=out.dtype, device=out.device)
+    if out.device.type != "cpu":  # no host-to-device copy of a constant: two passes
+        return torch.mul(k, 2.0**-_GRID_BITS, out=out).add_(2.0 ** -(_GRID_BITS + 1))
+    half_step = torch.tensor(2.0 ** -(_GRID_BITS + 1), dtype=out.dtype)  # a CPU scalar
     return torch.add(half_step, k, alpha=2.0**-_GRID_BITS, out=out)
 
 
