@@ -73,3 +73,28 @@ def test_accuracy_axis_holds_epoch_zero(
     low, high = seen[0]
     assert low < 2.0 and high > 90.0  # epoch 0's 2% and the final 90% both inside
     assert ("summary.png" in {p.name for p in written}) == (len(labels) > 1)
+
+
+def test_ranking_says_how_many_seeds_a_mean_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A diverged seed (no final accuracy) is left out of the mean: the label says so."""
+    diverged = _rows(0.8, 40.0)
+    diverged[-1]["test_accuracy"] = math.nan
+    curves = [
+        Curve("bp", "g", [_rows(0.95, 0.0), _rows(0.94, 0.0)]),
+        Curve("fa", "g", [_rows(0.85, 60.0), diverged]),
+    ]
+    from matplotlib.figure import Figure
+
+    labels: list[str] = []
+    original = Figure.savefig
+
+    def spy(fig: Figure, *args: Any, **kwargs: Any) -> None:
+        if len(fig.axes) >= 2 and fig.axes[1].get_xlabel() == "final test accuracy (%)":
+            labels.extend(t.get_text() for t in fig.axes[1].get_yticklabels())
+        original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    plot_curves(curves, tmp_path)
+    assert labels == ["fa (1 of 2 seeds)", "bp"]

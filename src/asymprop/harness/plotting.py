@@ -147,7 +147,15 @@ def _summary_figure(
         for row, (label, (acc, acc_se, _, _)) in enumerate(ranked):
             colour, _, marker = styles[label]
             ranking.errorbar(acc, row, xerr=acc_se, fmt=marker, color=colour, ms=7, capsize=3)
-        ranking.set_yticks(range(len(ranked)), [label for label, _ in ranked])
+        # a seed without a final accuracy (a diverged run) is left out: say how many are in
+        seeds = {c.label: (_finished(c), len(c.seeds)) for c in curves if c.group == group}
+        names = [
+            label
+            if seeds[label][0] == seeds[label][1]
+            else f"{label} ({seeds[label][0]} of {seeds[label][1]} seeds)"
+            for label, _ in ranked
+        ]
+        ranking.set_yticks(range(len(ranked)), names)
         ranking.set_xlabel("final test accuracy (%)")
         ranking.set_title(f"{group}: rules ranked" if group else "rules ranked")
         ranking.margins(x=0.08, y=0.05)
@@ -173,6 +181,13 @@ def _final(curve: Curve) -> tuple[float, float, float, float]:
         finite = [a for a in layer_angles if math.isfinite(a)]
         angles.append(sum(finite) / len(finite) if finite else math.nan)
     return (*_mean_se(accuracies), *_mean_se(angles))
+
+
+def _finished(curve: Curve) -> int:
+    """Seeds whose last epoch has a finite test accuracy."""
+    return sum(
+        1 for rows in curve.seeds if rows and math.isfinite(_number(rows[-1].get("test_accuracy")))
+    )
 
 
 def _mean_se(values: Sequence[float]) -> tuple[float, float]:
