@@ -341,3 +341,17 @@ def test_bf16_autocast_trains_like_float32(tmp_path: Path) -> None:
     assert half[-1]["train_loss"] == pytest.approx(full[-1]["train_loss"], abs=0.01)
     state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
     assert all(v.dtype == torch.float32 for v in state.values() if torch.is_tensor(v))
+
+
+def test_main_job_gives_kp_weight_decay_unless_the_comparison_sets_it() -> None:
+    """Kolen-Pollack's B - W shrinks only by weight decay: the main job gives kp 1e-2; a
+    comparison that sets weight_decay (shared or for kp) keeps its own."""
+    from asymprop.harness.compare import CompareConfig, compare_config
+
+    assert CompareConfig().rule_settings == {"kp": {"weight_decay": 1e-2}}
+    assert compare_config({"rules": ["kp"]}).rule_settings == {"kp": {"weight_decay": 1e-2}}
+    assert compare_config({"weight_decay": 1e-4}).rule_settings == {}
+    own = compare_config({"rule_settings": {"kp": {"weight_decay": 0.0, "lr": 0.01}}})
+    assert own.rule_settings == {"kp": {"weight_decay": 0.0, "lr": 0.01}}
+    other = compare_config({"rule_settings": {"usf": {"lr": 0.5}}})
+    assert other.rule_settings == {"usf": {"lr": 0.5}, "kp": {"weight_decay": 1e-2}}

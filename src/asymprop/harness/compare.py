@@ -21,7 +21,9 @@ rule so that only the rule differs:
   busy cores.
 
 Rule-specific settings go in ``rule_options`` and apply only when that rule is in the
-comparison; the main job sets none (:data:`MAIN_JOB_RULE_OPTIONS`). ``rule_settings``
+comparison; the main job sets none (:data:`MAIN_JOB_RULE_OPTIONS`), and gives ``kp`` weight
+decay 1e-2 (:data:`MAIN_JOB_RULE_SETTINGS`: Kolen-Pollack's B - W shrinks only by it) unless a
+comparison sets ``weight_decay`` itself. ``rule_settings``
 overrides shared run settings for one rule (sign symmetry's learning rate 0.5, weight mirrors'
 two mirror-only epochs and later warm-up in 000 App. D.1-D.2: see the packaged config
 ``imagenet-resnet18``).
@@ -68,6 +70,7 @@ from .records import (
 __all__ = [
     "MAIN_JOB_MODEL_OPTIONS",
     "MAIN_JOB_RULE_OPTIONS",
+    "MAIN_JOB_RULE_SETTINGS",
     "MAIN_JOB_SETTINGS",
     "CompareConfig",
     "compare",
@@ -94,6 +97,10 @@ MAIN_JOB_SETTINGS: dict[str, Any] = {
 MAIN_JOB_MODEL_OPTIONS: dict[str, dict[str, Any]] = {"mlp": {"widths": [128, 128]}}
 MAIN_JOB_RULE_OPTIONS: dict[str, dict[str, Any]] = {}
 """Per-rule options of the main job (none: every rule runs with its defaults)."""
+MAIN_JOB_RULE_SETTINGS: dict[str, dict[str, Any]] = {"kp": {"weight_decay": 1e-2}}
+"""Per-rule run settings of the main job: Kolen-Pollack needs weight decay (B - W shrinks by
+it; without, KP is FA with a moving B); each applies unless the comparison sets that setting
+itself (shared or for that rule)."""
 
 
 def _registered(options: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -137,7 +144,9 @@ class CompareConfig:
     model_options: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {k: dict(v) for k, v in MAIN_JOB_MODEL_OPTIONS.items()}
     )
-    rule_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rule_settings: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {k: dict(v) for k, v in MAIN_JOB_RULE_SETTINGS.items()}
+    )
     settings: dict[str, Any] = field(default_factory=lambda: dict(MAIN_JOB_SETTINGS))
     out: str = "runs/compare"
 
@@ -192,6 +201,17 @@ def compare_config(data: Mapping[str, Any], source: str = "config") -> CompareCo
     shared = {key: value for key, value in data.items() if key in SHARED}
     config_from_dict(RunConfig, shared, source)  # types of the shared settings
     config.settings = {**MAIN_JOB_SETTINGS, **shared}
+    own_settings = mine.get("rule_settings", {})
+    for rule, defaults_of_rule in MAIN_JOB_RULE_SETTINGS.items():  # unless set here
+        kept = {
+            key: value
+            for key, value in defaults_of_rule.items()
+            if key not in shared and key not in own_settings.get(rule, {})
+        }
+        config.rule_settings = {**config.rule_settings}
+        config.rule_settings[rule] = {**kept, **own_settings.get(rule, {})}
+        if not config.rule_settings[rule]:
+            del config.rule_settings[rule]
     for rule, changes in config.rule_settings.items():
         wrong = [key for key in changes if key not in SHARED]
         if wrong:
