@@ -328,3 +328,15 @@ def test_named_configs_are_packaged_and_found_from_any_folder(
     assert find_config("digits-all-rules") == Path("experiments/digits-all-rules.yaml")
     with pytest.raises(FileNotFoundError, match="is a directory"):
         find_config("experiments")
+
+
+def test_train_and_compare_share_the_main_jobs_model(tmp_path: Path) -> None:
+    from asymprop.harness.compare import MAIN_JOB_MODEL_OPTIONS
+    from asymprop.harness.records import read_yaml
+
+    assert main(["train", "--out", str(tmp_path / "t"), *TINY]) == 0
+    saved = read_yaml(tmp_path / "t" / "config.yaml")
+    assert saved["model"] == "mlp"
+    assert saved["model_options"] == {k: list(v) for k, v in MAIN_JOB_MODEL_OPTIONS["mlp"].items()}
+    assert main(["train", "--out", str(tmp_path / "u"), "--model-opt", "widths=[8]", *TINY]) == 0
+    assert read_yaml(tmp_path / "u" / "config.yaml")["model_options"] == {"widths": [8]}

@@ -468,6 +468,10 @@ def _train_config(args: argparse.Namespace) -> Any:
                 data[name] = {**getattr(saved, name), **data[name]}
         return resume_config(args.resume, data)
     source = f"config {args.config}" if args.config else "settings"
+    if not args.config and data.get("model", "mlp") == "mlp" and "model_options" not in data:
+        from .compare import MAIN_JOB_MODEL_OPTIONS  # the main job's model: train == compare
+
+        data["model_options"] = dict(MAIN_JOB_MODEL_OPTIONS["mlp"])
     return config_from_dict(RunConfig, data, source)
 
 
