@@ -512,8 +512,13 @@ def test_dfa_trains_resnet20_on_fashion_mnist_for_200_steps() -> None:
 
 
 @pytest.mark.slow
-def test_dfa_trains_a_transformer_on_mnist1d_for_200_steps() -> None:
-    """A 2-layer transformer encoder over MNIST-1D's 40 time steps (one token per step)."""
+@pytest.mark.parametrize(("scale", "factor"), [("output", 0.9), ("chain", 0.97)])
+def test_dfa_trains_a_transformer_on_mnist1d_for_200_steps(scale: str, factor: float) -> None:
+    """A 2-layer transformer encoder over MNIST-1D's 40 time steps (one token per step).
+
+    Plain SGD, lr 0.01, first and last 20 of 200 steps (measured: bp 2.34 -> 2.06, fa 2.36 ->
+    2.24): Nøkland's scale 2.34 -> 1.87 (its large errors act as a larger learning rate), the
+    default "chain" 2.36 -> 2.23, fa's pace."""
     from asymprop.harness.data import load_dataset
 
     data = load_dataset("mnist1d")
@@ -531,12 +536,17 @@ def test_dfa_trains_a_transformer_on_mnist1d_for_200_steps() -> None:
             return self.head(self.encoder(self.embed(x.transpose(1, 2))).mean(1))
 
     torch.manual_seed(0)
-    model = convert(Encoder(), "dfa", seed=0, strict=True)
-    _train_and_check(model, x, y, lr=0.01, momentum=0.0)
+    model = convert(Encoder(), "dfa", seed=0, strict=True, scale=scale)
+    _train_and_check(model, x, y, lr=0.01, momentum=0.0, factor=factor)
 
 
 def _train_and_check(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 0.01, momentum: float = 0.9
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    factor: float = 0.9,
 ) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     gen = torch.Generator().manual_seed(0)
@@ -546,4 +556,4 @@ def _train_and_check(
         losses.append(asymprop.train_step(model, opt, F.cross_entropy, x[idx], y[idx]))
     assert all(math.isfinite(v) for v in losses)
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
-    assert last < 0.9 * first, (first, last)
+    assert last < factor * first, (first, last)
