@@ -443,11 +443,12 @@ class DFA(FeedbackRule):
       batch) equal ``rho_l ||delta_l||``: the layer's own output error times its weights' gain
       ``rho_l = sqrt(fan_in mean(W_l^2))``, which is what ``W_l^T`` does to a random error on
       average. Going down the network the errors then shrink (or not) as backprop's do at
-      initialisation (checked within 25% on a ReLU LeNet-5 where Nøkland's scale sends 20x
-      backprop's to the conv layers and trains to chance). It reads one scalar of each W, once,
-      and the first batch (all ranks' under ``torch.distributed``: one ``all_reduce`` per layer,
-      once), never W's entries; B is a fixed matrix afterwards, so this is DFA with a
-      calibrated gain per layer. ``gain`` multiplies every layer's factor.
+      initialisation (checked within 25% on a ReLU LeNet-5 where Nøkland's scale sends 130x
+      backprop's to the second conv and trains to chance). It reads one scalar of each W, once,
+      and the first batch with a finite, nonzero error (all ranks' under ``torch.distributed``:
+      one ``all_reduce`` of two numbers per layer), never W's entries; B is a fixed matrix
+      afterwards, so this is DFA with a calibrated gain per layer. ``gain`` scales the output
+      layer's factor, and through the calibration every error below it.
     * ``"output"``: ``a = gain / sqrt(n_out)``, Nøkland's: each unit of ``e @ B`` has about the
       size of ``e``. Faster than ``"chain"`` on shallow tanh MLPs trained with SGD (larger
       hidden errors act as a larger learning rate), diverges or dies on deep ReLU convnets at
