@@ -34,8 +34,8 @@ def test_styles_give_twenty_rules_distinct_colour_and_marker() -> None:
 
 def test_final_values_are_the_last_epoch_mean_and_se_over_seeds() -> None:
     curve = Curve("fa", "mlp / digits", [_rows(0.80, 40.0), _rows(0.90, 50.0)])
-    accuracy, accuracy_se, angle, angle_se = plotting._final(curve)
-    assert math.isclose(accuracy, 85.0) and math.isclose(accuracy_se, 5.0)
+    accuracy, accuracy_se, angle, angle_se, finished = plotting._final(curve)
+    assert math.isclose(accuracy, 85.0) and math.isclose(accuracy_se, 5.0) and finished == 2
     # delta angles per seed: mean over layers of (a + 1, a + 3) = a + 2
     assert math.isclose(angle, 47.0) and math.isclose(angle_se, 5.0)
 

@@ -36,7 +36,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .records import layers_of
+from .records import layers_of, mean_se
 
 __all__ = ["Curve", "panels", "plot_curves", "plot_run", "save_figure"]
 
@@ -128,7 +128,7 @@ def _summary_figure(
     axes = fig.subplots(len(groups), 2, squeeze=False)
     for (scatter, ranking), group in zip(axes, groups, strict=True):
         finals = [(c.label, _final(c)) for c in curves if c.group == group]
-        for label, (acc, acc_se, angle, angle_se) in finals:
+        for label, (acc, acc_se, angle, angle_se, _) in finals:
             colour, _, marker = styles[label]
             if math.isfinite(acc) and math.isfinite(angle):
                 scatter.errorbar(angle, acc, xerr=angle_se, yerr=acc_se, fmt=marker,
@@ -144,16 +144,14 @@ def _summary_figure(
         ranked = sorted(
             (item for item in finals if math.isfinite(item[1][0])), key=lambda item: item[1][0]
         )
-        for row, (label, (acc, acc_se, _, _)) in enumerate(ranked):
+        for row, (label, (acc, acc_se, _, _, _)) in enumerate(ranked):
             colour, _, marker = styles[label]
             ranking.errorbar(acc, row, xerr=acc_se, fmt=marker, color=colour, ms=7, capsize=3)
         # a seed without a final accuracy (a diverged run) is left out: say how many are in
-        seeds = {c.label: (_finished(c), len(c.seeds)) for c in curves if c.group == group}
+        seeds = {c.label: len(c.seeds) for c in curves if c.group == group}
         names = [
-            label
-            if seeds[label][0] == seeds[label][1]
-            else f"{label} ({seeds[label][0]} of {seeds[label][1]} seeds)"
-            for label, _ in ranked
+            label if n == seeds[label] else f"{label} ({n} of {seeds[label]} seeds)"
+            for label, (*_, n) in ranked
         ]
         ranking.set_yticks(range(len(ranked)), names)
         ranking.set_xlabel("final test accuracy (%)")
@@ -164,8 +162,9 @@ def _summary_figure(
     return _save(fig, path)
 
 
-def _final(curve: Curve) -> tuple[float, float, float, float]:
-    """Final test accuracy (%) and mean delta angle over layers: (mean, s.e.) of each over seeds.
+def _final(curve: Curve) -> tuple[float, float, float, float, int]:
+    """Final test accuracy (%) and mean delta angle over layers, (mean, s.e.) of each over seeds
+    (s.e. 0 for one seed: no bar), and how many seeds have a final accuracy.
 
     A seed's value is its last epoch's; a seed without a finite one is left out.
     """
@@ -180,22 +179,15 @@ def _final(curve: Curve) -> tuple[float, float, float, float]:
         ]
         finite = [a for a in layer_angles if math.isfinite(a)]
         angles.append(sum(finite) / len(finite) if finite else math.nan)
-    return (*_mean_se(accuracies), *_mean_se(angles))
-
-
-def _finished(curve: Curve) -> int:
-    """Seeds whose last epoch has a finite test accuracy."""
-    return sum(
-        1 for rows in curve.seeds if rows and math.isfinite(_number(rows[-1].get("test_accuracy")))
+    accuracy, accuracy_se, finished = mean_se(accuracies)
+    angle, angle_se, counted = mean_se(angles)
+    return (
+        accuracy,
+        accuracy_se if finished > 1 else 0.0,
+        angle,
+        angle_se if counted > 1 else 0.0,
+        finished,
     )
-
-
-def _mean_se(values: Sequence[float]) -> tuple[float, float]:
-    finite = np.array([v for v in values if math.isfinite(v)], dtype=float)
-    if finite.size == 0:
-        return math.nan, math.nan
-    se = float(finite.std(ddof=1) / math.sqrt(finite.size)) if finite.size > 1 else 0.0
-    return float(finite.mean()), se
 
 
 def _alignment_figure(
