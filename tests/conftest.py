@@ -72,3 +72,20 @@ def small_cnn(num_classes: int = 5) -> nn.Module:
         nn.Flatten(),
         nn.Linear(8, num_classes),
     )
+
+
+def train_on_shares(
+    model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], rank: int, world: int
+) -> None:
+    """``asymprop.train_step`` with SGD (lr 0.1, momentum 0.9, weight decay 1e-3) over
+    ``batches``, rank ``rank`` of ``world`` on its share of each global batch (one process:
+    ``rank=0, world=1``): the data-parallel tests' loop, DDP's and FSDP's."""
+    import torch.nn.functional as F
+
+    import asymprop
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    for x, y in batches:
+        share = x.shape[0] // world
+        part = slice(rank * share, (rank + 1) * share)
+        asymprop.train_step(model, opt, F.cross_entropy, x[part], y[part])

@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import nn
 
 import asymprop
 from asymprop.harness import distributed
+from conftest import train_on_shares
 
 RULES = ["bp", "fa", "kp", "wm", "brsf", "np", "dfa"]
 # WM's default mirror batch is the layer's last batch, which is a rank's share under DDP: fix it
@@ -45,11 +45,7 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _train(model: nn.Module, rank: int, world: int) -> None:
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    share = BATCH // world
-    for x, y in _batches():
-        part = slice(rank * share, (rank + 1) * share)
-        asymprop.train_step(model, opt, F.cross_entropy, x[part], y[part])
+    train_on_shares(model, _batches(), rank, world)
 
 
 def _worker(rank: int, port: int, out: str, rules: list[str]) -> None:

@@ -25,10 +25,10 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import asymprop
+from conftest import train_on_shares
 
 RULES = ["bp", "fa", "usf", "brsf", "kp", "wm", "dfa", "np"]  # issue 14's list
 RULES += ["nusf", "frsf", "rndf", "matched", "sg"]  # and the rest of the registry
@@ -66,11 +66,7 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _train(model: nn.Module, rank: int, world: int) -> None:
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    share = BATCH // world
-    for x, y in _batches():
-        part = slice(rank * share, (rank + 1) * share)
-        asymprop.train_step(model, opt, F.cross_entropy, x[part], y[part])
+    train_on_shares(model, _batches(), rank, world)
 
 
 def _full_state(model: nn.Module) -> dict[str, Any]:
