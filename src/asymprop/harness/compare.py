@@ -201,17 +201,12 @@ def compare_config(data: Mapping[str, Any], source: str = "config") -> CompareCo
     shared = {key: value for key, value in data.items() if key in SHARED}
     config_from_dict(RunConfig, shared, source)  # types of the shared settings
     config.settings = {**MAIN_JOB_SETTINGS, **shared}
-    own_settings = mine.get("rule_settings", {})
+    merged = {rule: dict(changes) for rule, changes in mine.get("rule_settings", {}).items()}
     for rule, defaults_of_rule in MAIN_JOB_RULE_SETTINGS.items():  # unless set here
-        kept = {
-            key: value
-            for key, value in defaults_of_rule.items()
-            if key not in shared and key not in own_settings.get(rule, {})
-        }
-        config.rule_settings = {**config.rule_settings}
-        config.rule_settings[rule] = {**kept, **own_settings.get(rule, {})}
-        if not config.rule_settings[rule]:
-            del config.rule_settings[rule]
+        for key, value in defaults_of_rule.items():
+            if key not in shared:
+                merged.setdefault(rule, {}).setdefault(key, value)
+    config.rule_settings = merged
     for rule, changes in config.rule_settings.items():
         wrong = [key for key in changes if key not in SHARED]
         if wrong:
