@@ -73,6 +73,12 @@ def is_sharded(tensor: Tensor) -> bool:
     return module is not None and isinstance(tensor, module.DTensor)
 
 
+def whole(tensor: Tensor) -> Tensor:
+    """``tensor`` itself, or, if FSDP2 sharded it, all of it (``DTensor.full_tensor``: one
+    all-gather on every rank)."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor  # type: ignore[attr-defined]
+
+
 def reshard(model: nn.Module) -> None:
     """Give back the whole weights that FSDP2 gathered for a forward pass without backward.
 
@@ -215,7 +221,7 @@ class FeedbackLayer(nn.Module):
         whole W exactly as one process would. Otherwise W itself (no copy).
         """
         weight = self.weight.detach()
-        return weight.full_tensor() if is_sharded(weight) else weight  # type: ignore[attr-defined]
+        return whole(weight)
 
     def _weight_shaped(self) -> Tensor:
         """A tensor of W's shape, dtype and device for ops that read only W's shape (a weight

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .convert import exact_backprop, feedback_layers
-from .layers import is_sharded
+from .layers import whole
 
 __all__ = ["alignment", "angle_deg", "delta_alignment"]
 
@@ -71,9 +71,7 @@ def alignment(model: nn.Module) -> dict[str, dict[str, float]]:
     for name, layer in feedback_layers(model):
         with torch.no_grad():
             weight = layer.full_weight()  # all-gathered when FSDP shards W
-            feedback = layer.rule.backward_weight(layer).detach()
-            if is_sharded(feedback):  # kp's B, a Parameter, is sharded as W
-                feedback = feedback.full_tensor()  # type: ignore[attr-defined]
+            feedback = whole(layer.rule.backward_weight(layer).detach())  # kp's B is sharded
         if feedback.shape != weight.shape:
             result[name] = {
                 "angle_deg": math.nan,

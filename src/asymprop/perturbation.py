@@ -80,7 +80,7 @@ from .direct import (
     init_lazy_feedback,
     resize_lazy_feedback,
 )
-from .layers import is_sharded, reshard
+from .layers import reshard, whole
 from .rules import (
     FeedbackRule,
     Init,
@@ -978,6 +978,5 @@ class Matched(FeedbackRule):
         feedback = layer.feedback_weight.mul_(1 - self.weight_decay)
         grad = layer.weight.grad
         if grad is not None:
-            if is_sharded(grad):  # FSDP2: W's reduce-scattered gradient, gathered whole
-                grad = grad.full_tensor()  # type: ignore[attr-defined]
-            feedback.sub_(self.lr_b * grad)
+            # FSDP2: W's reduce-scattered gradient, gathered whole
+            feedback.sub_(self.lr_b * whole(grad))
