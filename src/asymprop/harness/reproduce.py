@@ -46,11 +46,9 @@ from typing import Any
 
 from .config import CONFIGS
 from .data import ENV_VAR, DatasetNotFoundError
-from .papers.akrout import akrout
+from .papers import collect_items
 from .papers.common import ItemResult
-from .papers.convergence import feedback_convergence
-from .papers.lansdell import lansdell_autoencoder, lansdell_mlp
-from .papers.liao import liao, liao_best, liao_entry
+from .papers.liao import liao_best, liao_entry
 from .papers.study import layer_group, study, study_verdict, study_verdicts
 from .records import read_yaml, write_csv
 
@@ -84,20 +82,10 @@ def item_config(name: str, quick: bool = False) -> dict[str, Any]:
 
 # --- the suite ------------------------------------------------------------------------------------
 
-ITEMS: dict[str, Callable[[str, dict[str, Any], Path], ItemResult]] = {
-    "akrout-fashion-mnist": akrout,
-    "akrout-fashion-mnist-cnn": akrout,
-    "akrout-fashion-mnist-resnet20": akrout,
-    "liao-digits": liao,
-    "liao-fashion-mnist": liao,
-    "liao-mnist1d": liao,
-    "lansdell-mlp": lansdell_mlp,
-    "lansdell-autoencoder": lansdell_autoencoder,
-    "feedback-convergence": feedback_convergence,
-    "study-vit-fashion-mnist": study,
-    "study-mnist1d-sequence": study,
-}
-"""Item name -> its function; the config is the packaged ``configs/<name>.yaml``."""
+ITEMS: dict[str, Callable[[str, dict[str, Any], Path], ItemResult]] = collect_items()
+"""Item name -> its function; the config is the packaged ``configs/<name>.yaml``. Each paper's
+module in :mod:`asymprop.harness.papers` declares its own ``ITEMS``; they are run in the order of
+:data:`asymprop.harness.papers.PAPERS`."""
 
 
 def run_item(

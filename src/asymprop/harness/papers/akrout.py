@@ -118,3 +118,11 @@ def _akrout_angle_figure(config: dict[str, Any], curves: dict[Any, Any], path: P
             f"colour: layer 1 (input, dark) to layer {len(layers)} (output, yellow)", fontsize=8
         )
     return save_figure(fig, path, dpi=DPI, max_bytes=MAX_PNG_BYTES)
+
+
+ITEMS = {
+    "akrout-fashion-mnist": akrout,
+    "akrout-fashion-mnist-cnn": akrout,
+    "akrout-fashion-mnist-resnet20": akrout,
+}
+"""This module's items (:mod:`asymprop.harness.reproduce`)."""

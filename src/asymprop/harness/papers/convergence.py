@@ -168,3 +168,7 @@ def _convergence_figure(
     ax.set_xlabel("mirror step")
     ax.legend(fontsize=6, title="dotted: E[B_t] (eq. 21)", title_fontsize=6)
     return save_figure(fig, path, dpi=DPI, max_bytes=MAX_PNG_BYTES)
+
+
+ITEMS = {"feedback-convergence": feedback_convergence}
+"""This module's items (:mod:`asymprop.harness.reproduce`)."""

@@ -350,3 +350,7 @@ def _ae_figure(models: dict[str, nn.Module], x: Tensor, y: Tensor, path: Path) -
         axes[1][col].imshow(grid, cmap="gray", vmin=0, vmax=1)
         axes[1][col].axis("off")
     return save_figure(fig, path, dpi=DPI, max_bytes=MAX_PNG_BYTES)
+
+
+ITEMS = {"lansdell-mlp": lansdell_mlp, "lansdell-autoencoder": lansdell_autoencoder}
+"""This module's items (:mod:`asymprop.harness.reproduce`)."""

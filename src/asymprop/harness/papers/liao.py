@@ -158,3 +158,7 @@ def _liao_figure(
         ax.set_xlabel("test error (%)", fontsize=8)
         ax.set_title(title, fontsize=8)
     return save_figure(fig, path, dpi=DPI, max_bytes=MAX_PNG_BYTES)
+
+
+ITEMS = {"liao-digits": liao, "liao-fashion-mnist": liao, "liao-mnist1d": liao}
+"""This module's items (:mod:`asymprop.harness.reproduce`)."""

@@ -334,3 +334,7 @@ def _study_figure(
     axes[0][0].legend(fontsize=5)
     fig.suptitle(f"{path.stem}: mean over seeds", fontsize=8)
     return save_figure(fig, path, max_bytes=MAX_PNG_BYTES)  # plotting's DPI
+
+
+ITEMS = {"study-vit-fashion-mnist": study, "study-mnist1d-sequence": study}
+"""This module's items (:mod:`asymprop.harness.reproduce`)."""
