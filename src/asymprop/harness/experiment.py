@@ -109,7 +109,15 @@ from .data import Dataset, load_dataset
 from .distributed import DistInfo, gathered, wrap
 from .guard import StopSignals, first_nonfinite, largest_weight, stalled
 from .models import build_model
-from .records import METRIC_COLUMNS, append_row, layer_columns, write_csv, write_yaml
+from .records import (
+    METRIC_COLUMNS,
+    append_row,
+    code_identity,
+    layer_columns,
+    read_yaml,
+    write_csv,
+    write_yaml,
+)
 
 __all__ = [
     "CHECKPOINT",
@@ -887,8 +895,6 @@ def resume_config(
 def _agrees_with_config_yaml(directory: Path, saved: dict[str, Any]) -> None:
     """The run's ``config.yaml`` says what its checkpoint says (not another run's checkpoint,
     not an edited file that resuming would silently ignore and overwrite)."""
-    from .records import read_yaml
-
     path = directory / "config.yaml"
     if not path.is_file():
         return
@@ -958,6 +964,7 @@ def train(
         if not run.rows:  # a fresh run: an earlier run's sharded checkpoints go too
             remove_sharded(out, keep=None)
         write_yaml(out / "config.yaml", config.to_dict())
+        _write_code(out / "code.yaml", run.epoch if run.rows else None)
         _rewrite_metrics(run, columns)
         writer = _tensorboard(out) if config.tensorboard else None
 
@@ -994,6 +1001,27 @@ def train(
 
         plot_run(run.rows, out, title=config.rule)
     return run.rows
+
+
+def _write_code(path: Path, resumed_at: int | None) -> None:
+    """Record the code that makes the run (:func:`~asymprop.harness.records.code_identity`).
+
+    A fresh run (``resumed_at`` None) writes the identity; a run resumed at an epoch by other
+    code keeps the original and appends ``resumed: [{epoch, version, source_sha256}, ...]``, so
+    the file never claims that one code made a run two made.
+    """
+    identity = code_identity()
+    if resumed_at is None or not path.is_file():
+        write_yaml(path, identity)
+        return
+    try:
+        recorded = read_yaml(path)
+    except (OSError, ValueError):
+        recorded = {"unknown": "code.yaml unreadable at resume"}
+    latest = (recorded.get("resumed") or [recorded])[-1]
+    if {k: latest.get(k) for k in identity} != identity:
+        recorded["resumed"] = [*recorded.get("resumed", []), {"epoch": resumed_at, **identity}]
+        write_yaml(path, recorded)
 
 
 def _epochs(

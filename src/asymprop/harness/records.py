@@ -8,6 +8,8 @@ Files (all plain text, readable without asymprop):
 * ``results.csv`` -- one row per run of a comparison: :data:`RESULT_COLUMNS`, then the final
   per-layer columns of its ``metrics.csv``.
 * ``config.yaml`` -- the run's or comparison's settings, readable by ``--config``.
+* ``code.yaml`` -- the code that made a run: asymprop's version and a hash of its source
+  (:func:`code_identity`); ``reproduce --reuse`` reads back only runs of the same code.
 
 Numbers are written with ``repr`` (exact round trip); a missing value is ``nan``.
 """
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
+import hashlib
 import math
 import os
 import statistics
@@ -33,6 +37,7 @@ __all__ = [
     "METRIC_COLUMNS",
     "RESULT_COLUMNS",
     "append_row",
+    "code_identity",
     "format_mean_se",
     "format_values",
     "layer_columns",
@@ -70,6 +75,30 @@ RESULT_COLUMNS = (
 )
 """The leading columns of ``results.csv`` (final values of each run; ``seconds`` in total;
 ``failure``: why a run that is not ``ok`` stopped, with its step)."""
+
+
+@functools.cache
+def code_identity() -> dict[str, str]:
+    """The code this process runs: asymprop's version and the SHA-256 of its source.
+
+    The hash covers every ``.py`` file of the imported package (its relative path and bytes, in
+    sorted order), so an edit anywhere in the library or its harness changes it, while a
+    packaged config's claims or comments do not (a run's settings are compared separately, in
+    its ``config.yaml``). Computed once per process.
+
+    Example:
+        >>> sorted(code_identity())
+        ['source_sha256', 'version']
+    """
+    from .. import __file__ as package_init
+    from .. import __version__
+
+    root = Path(package_init).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return {"version": __version__, "source_sha256": digest.hexdigest()}
 
 
 def layer_columns(layers: Iterable[str]) -> list[str]:

@@ -3,7 +3,7 @@
     python -m asymprop.harness.reproduce                      # every item (docs/REPRODUCTION.md)
     python -m asymprop.harness.reproduce --quick              # a reduced version of every item
     python -m asymprop.harness.reproduce --only liao-digits   # one item
-    python -m asymprop.harness.reproduce --reuse              # train only the runs not yet finished
+    python -m asymprop.harness.reproduce --reuse              # train only what this code has not
 
 Each item reads its packaged config ``asymprop/harness/configs/<item>.yaml`` (its ``quick:``
 section overrides the rest under ``--quick``), trains its runs one after another on one thread
@@ -133,8 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--reuse",
         action="store_true",
-        help="read back runs that already finished with the same settings instead of training "
-        "them again (Akrout, Liao and study items)",
+        help="read back runs that already finished with the same settings and the same code "
+        "(asymprop's version and source hash, in each run's code.yaml) instead of training them "
+        "again (the items built on the run loop: Akrout, Liao, study)",
     )
     parser.add_argument(
         "--no-figures",

@@ -20,7 +20,7 @@ from ...convert import feedback_layers
 from ...train import DivergenceError, train_step
 from ..config import config_from_dict
 from ..experiment import DataCache, RunConfig, prepare, train
-from ..records import format_values, read_csv, read_yaml
+from ..records import code_identity, format_values, read_csv, read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +70,19 @@ def finished_rows(config: RunConfig) -> list[dict[str, Any]] | None:
     """The ``metrics.csv`` rows of a finished run of exactly ``config`` in its directory, or None.
 
     Finished: ``config.yaml`` there describes the same run (settings added since it was written
-    compare at their defaults) and ``metrics.csv`` reaches the last epoch.
+    compare at their defaults), ``code.yaml`` names this very code (the same asymprop version and
+    source hash, :func:`~asymprop.harness.records.code_identity`; a run resumed by other code
+    does not count) and ``metrics.csv`` reaches the last epoch.
     """
     directory = config.run_dir
     try:
         stored = config_from_dict(RunConfig, read_yaml(directory / "config.yaml"))
+        code = read_yaml(directory / "code.yaml")
         rows = read_csv(directory / "metrics.csv")
     except (OSError, ValueError, TypeError):
+        return None
+    if code != code_identity():
+        log.info("not reusing %s: made by other code (%s)", directory, code)
         return None
     if stored.to_dict() != config.to_dict() or not rows or rows[-1]["epoch"] != config.epochs:
         return None
