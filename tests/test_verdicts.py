@@ -64,5 +64,5 @@ def test_the_table_prints_the_criterion_and_a_changed_criterion():
     verdict = judge({"claim": "A first", "less": ["a", "b"], "changed": "was by 6 s.e."}, VALUES)
     table = verdict_table([verdict])
     assert "mean(a) < mean(b) by > 2 s.e." in table
-    assert "criterion changed after seeing results: was by 6 s.e." in table
+    assert "criterion set or changed after seeing results: was by 6 s.e." in table
     assert "a 11.00 ± 0.58" in table

@@ -29,6 +29,7 @@ from .common import (
     minibatches,
     train_steps,
 )
+from .verdicts import judge_all, verdict_table
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,10 @@ log = logging.getLogger(__name__)
 def feedback_convergence(name: str, config: dict[str, Any], out: Path) -> ItemResult:
     """KP: ``W - B`` shrinks as ``(1 - eta lambda)^t`` (003 eq. 14) under plain SGD; WM: mirror
     mode moves B towards ``k W`` as ``E[B_t] = (1 - lambda)^t B_0 + (1 - (1 - lambda)^t) k W``
-    (000 eq. 21), up to the noise of finite mirror batches.
+    (000 eq. 21), up to the noise of finite mirror batches. The config's ``claims`` are judged on
+    ``kp_rel_dev`` (the largest relative deviation from eq. 14 over the KP settings) and
+    ``wm_dev_deg`` (the largest distance of the last angle to theory over the WM settings, in
+    degrees).
 
     Paper: 003 eq. (12)-(18); 000 App. A eq. (21)-(22), Alg. 1.
     """
@@ -65,8 +69,15 @@ def feedback_convergence(name: str, config: dict[str, Any], out: Path) -> ItemRe
             f"| {row['rule'].upper()} | {row['setting']} | {row['step']} | "
             f"{what} = {row['measured']:.4g} | {row['theory']:.4g} |"
         )
+    values = {
+        "kp_rel_dev": [
+            max(abs(r["measured"] / r["theory"] - 1) for r in rows if r["rule"] == "kp")
+        ],
+        "wm_dev_deg": [max(abs(r["measured"] - r["theory"]) for r in rows if r["rule"] == "wm")],
+    }
+    table = "\n".join(lines) + "\n\n" + verdict_table(judge_all(config.get("claims", []), values))
     figures = [_convergence_figure(config, kp_curves, wm_curves, out / f"{name}.png")]
-    return ItemResult(name, "\n".join(lines), figures, rows, time.perf_counter() - started)
+    return ItemResult(name, table, figures, rows, time.perf_counter() - started)
 
 
 def _kp_curve(config: dict[str, Any], wd: float, x: Tensor, y: Tensor) -> list[dict[str, Any]]:

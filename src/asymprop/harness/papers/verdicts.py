@@ -5,13 +5,13 @@ judge it; the item measures named values (per-seed numbers, e.g. test error in %
 :func:`judge_all` turns each claim into a :class:`Verdict`: "reproduced", "partly" or "not
 reproduced", with the criterion printed beside it (:func:`verdict_table`). A claim is a mapping
 with ``claim`` (its text), optionally ``source`` (where the paper says it) and ``changed`` (a
-note, printed with the verdict, when the criterion was changed after seeing results), and exactly
-one comparison:
+note, printed with the verdict, when the criterion was set or changed after seeing results), and
+exactly one comparison:
 
 ``less: [A, B]`` (``se``: k, default 2; ``by``: d, default 0)
     A's mean is below B's. Reproduced when ``mean(B) - mean(A) > max(d, k * SE)`` with
     ``SE = sqrt(se(A)^2 + se(B)^2)``; partly when ``mean(B) - mean(A) > 0``; else not. With a
-    single seed on either side there is no s.e.: the verdict is at most "partly".
+    single value on either side there is no s.e.: the verdict is at most "partly".
 ``within: [A, B]``, ``tol: t`` (``partly``: t2 > t)
     A's mean is within t of B's. Reproduced when ``|mean(A) - mean(B)| <= t``; partly when
     ``<= t2``; else not.
@@ -73,8 +73,13 @@ def _stats(values: Mapping[str, Sequence[float]], name: str) -> tuple[float, flo
     return mean, se, n
 
 
+def _num(x: float) -> str:
+    return f"{x:.2f}" if x == 0 or abs(x) >= 0.01 or not math.isfinite(x) else f"{x:.2g}"
+
+
 def _fmt(name: str, mean: float, se: float, n: int) -> str:
-    return f"{name} {mean:.2f}" + (f" ± {se:.2f}" if n > 1 and math.isfinite(se) else " (1 seed)")
+    spread = f" ± {_num(se)}" if n > 1 and math.isfinite(se) else " (one value)"
+    return f"{name} {_num(mean)}{spread}"
 
 
 def judge(claim: Mapping[str, Any], values: Mapping[str, Sequence[float]]) -> Verdict:
@@ -94,7 +99,7 @@ def judge(claim: Mapping[str, Any], values: Mapping[str, Sequence[float]]) -> Ve
     kind = kinds[0]
     text, note = str(claim["claim"]), str(claim.get("changed", ""))
     if note:
-        note = f"criterion changed after seeing results: {note}"
+        note = f"criterion set or changed after seeing results: {note}"
     if kind == "less":
         a, b = claim["less"]
         k, by = float(claim.get("se", 2.0)), float(claim.get("by", 0.0))
@@ -111,8 +116,8 @@ def judge(claim: Mapping[str, Any], values: Mapping[str, Sequence[float]]) -> Ve
         )
         one_seed = na < 2 or nb < 2
         se = math.sqrt(sa**2 + sb**2) if not one_seed else math.nan
-        measured = f"{_fmt(a, ma, sa, na)}, {_fmt(b, mb, sb, nb)}: difference {diff:.2f}"
-        measured += f", {k:g} s.e. {k * se:.2f}" if not one_seed else ", no s.e. (1 seed)"
+        measured = f"{_fmt(a, ma, sa, na)}, {_fmt(b, mb, sb, nb)}: difference {_num(diff)}"
+        measured += f", {k:g} s.e. {_num(k * se)}" if not one_seed else ", no s.e. (one value)"
         if not math.isfinite(diff):
             verdict = NOT
         elif not one_seed and diff > max(by, k * se):
@@ -131,7 +136,7 @@ def judge(claim: Mapping[str, Any], values: Mapping[str, Sequence[float]]) -> Ve
         criterion = f"|mean({a}) - mean({b})| <= {tol:g}" + (
             f" (partly: <= {partly:g})" if partly > tol else ""
         )
-        measured = f"{_fmt(a, ma, sa, na)}, {_fmt(b, mb, sb, nb)}: gap {gap:.2f}"
+        measured = f"{_fmt(a, ma, sa, na)}, {_fmt(b, mb, sb, nb)}: gap {_num(gap)}"
         verdict = REPRODUCED if gap <= tol else PARTLY if gap <= partly else NOT  # NaN: not
         return Verdict(text, criterion, measured, verdict, note)
     name = claim[kind]
