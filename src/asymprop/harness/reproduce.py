@@ -40,6 +40,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -98,8 +99,9 @@ def run_item(
     """Run one item; write ``results.csv``, ``table.md`` and figures to ``out/<name>/``.
 
     ``figures``: also copy the figures there (``docs/figures`` for the report). ``reuse``: runs
-    of the Akrout, Liao and study items that already finished with the same settings in ``out`` are
-    read back instead of trained again (adding seeds or table entries trains only the new runs).
+    of the items built on the run loop that already finished in ``out`` with the same settings and
+    by the same code (:func:`~asymprop.harness.papers.common.finished_rows`) are read back instead
+    of trained again (adding seeds or table entries trains only the new runs).
     """
     if name not in ITEMS:
         raise ValueError(f"unknown item {name!r}; valid: {', '.join(ITEMS)}")
@@ -157,7 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # figures are copied into docs/figures only when run from a checkout (docs/REPRODUCTION.md)
     in_checkout = (FIGURES.parent / "REPRODUCTION.md").is_file()
     figures = None if (args.quick or args.no_figures or not in_checkout) else FIGURES
-    for name in args.only or list(ITEMS):
+    names = args.only or list(ITEMS)
+    started = time.perf_counter()
+    for name in names:
         try:
             result = run_item(name, args.quick, args.out, figures, args.reuse)
         except DatasetNotFoundError as error:
@@ -171,6 +175,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
         print(f"## {name} ({result.seconds:.0f} s)\n\n{result.table}\n", flush=True)
+    where = f"{args.out}/" + ("ITEM" if len(names) > 1 else names[0])
+    copied = f"; figures copied to {figures}" if figures is not None else ""
+    print(
+        f"reproduce: {len(names)} item(s) in {time.perf_counter() - started:.0f} s; tables, "
+        f"results.csv and figures in {where}/{copied}",
+        flush=True,
+    )
     return 0
 
 
