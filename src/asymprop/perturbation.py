@@ -939,9 +939,15 @@ class Matched(FeedbackRule):
     (momentum, Adam) never touches it. B starts as FA's random B; a step without a gradient on W
     (``weight.grad`` None) only decays B.
 
+    With ``momentum`` m > 0, B's step is heavy-ball like PyTorch's SGD (no dampening): a
+    velocity ``v`` (buffer ``feedback_velocity``, zero at conversion) accumulates W's gradient,
+    ``v <- m v + dL/dW`` and ``B <- (1 - weight_decay) B - lr_b v``, so B can match an SGD
+    update of W with the same momentum (004's autoencoder, Table 2a).
+
     Options:
         lr_b: B's learning rate on W's gradient (set it to W's learning rate).
         weight_decay: B's decay per step, in [0, 1).
+        momentum: B's momentum, in [0, 1); 0 (the default) is the plain step above.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -958,6 +964,7 @@ class Matched(FeedbackRule):
     weight_decay: float = 1e-4
     init: Init = "uniform"
     gain: float = 1.0
+    momentum: float = 0.0
 
     def validate(self) -> None:
         if not (self.lr_b >= 0 and math.isfinite(self.lr_b)):
@@ -965,11 +972,17 @@ class Matched(FeedbackRule):
                 f"rule 'matched' option lr_b={self.lr_b!r} must be a finite number >= 0"
             )
         check_positive(self, "gain")
-        if not 0 <= self.weight_decay < 1:
-            raise ValueError(
-                f"rule 'matched' option weight_decay={self.weight_decay!r} is out of range: "
-                "must be in [0, 1)"
-            )
+        for option in ("weight_decay", "momentum"):
+            value = getattr(self, option)
+            if not 0 <= value < 1:
+                raise ValueError(
+                    f"rule 'matched' option {option}={value!r} is out of range: must be in [0, 1)"
+                )
+
+    def init_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> None:
+        super().init_feedback(layer, generator)
+        if self.momentum > 0:
+            layer.register_buffer("feedback_velocity", torch.zeros_like(layer.feedback_weight))
 
     def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
         return random_feedback(layer, generator, self.init, self.gain)
@@ -978,5 +991,7 @@ class Matched(FeedbackRule):
         feedback = layer.feedback_weight.mul_(1 - self.weight_decay)
         grad = layer.weight.grad
         if grad is not None:
-            # FSDP2: W's reduce-scattered gradient, gathered whole
-            feedback.sub_(self.lr_b * whole(grad))
+            step = whole(grad)  # FSDP2: W's reduce-scattered gradient, gathered whole
+            if self.momentum > 0:
+                step = layer.get_buffer("feedback_velocity").mul_(self.momentum).add_(step)
+            feedback.sub_(self.lr_b * step)
