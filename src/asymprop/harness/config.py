@@ -213,6 +213,9 @@ class RunConfig:
         explode_factor: a finite loss above this many times the run's first loss counts as
             divergence too (``inf`` turns the check off): a run whose loss explodes without
             becoming NaN stops (exit 3) with its last good checkpoint, instead of "finishing".
+        bn_feedback: how the error crosses batch norm: ``full`` (autograd's exact BN backward:
+            mean, batch sigma and gamma) or ``sigma`` (only ``gamma / sigma`` per channel, 000
+            App. D.3; ``asymprop.sigma_batchnorm``). Forward values are the same.
         strategy: how ``torchrun`` processes share the work: ``ddp`` (every process holds the
             whole model, DistributedDataParallel) or ``fsdp`` (parameters sharded over the
             processes with FSDP2's ``fully_shard``, checkpoints through
@@ -254,6 +257,7 @@ class RunConfig:
     max_divergence_skips: int = 10
     explode_factor: float = 1e4
     strategy: str = "ddp"
+    bn_feedback: str = "full"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for ``config.yaml`` (``out`` filled in)."""

@@ -81,6 +81,7 @@ from torch.utils.data import Dataset as TorchDataset
 from ..convert import convert, feedback_layers
 from ..layers import reshard
 from ..metrics import alignment, delta_alignment
+from ..norm import sigma_batchnorm
 from ..optim import make_optimizer
 from ..train import DivergenceError, feedback_step, train_step
 from .checkpoint import (
@@ -251,6 +252,9 @@ class Autocast(nn.Module):
 
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+BN_FEEDBACK = ("full", "sigma")
+"""``RunConfig.bn_feedback`` values: BN's exact backward, or ``gamma / sigma`` only (000 App. D.3,
+:func:`asymprop.sigma_batchnorm`)."""
 
 
 def _autocast(run: Run) -> contextlib.AbstractContextManager[Any]:
@@ -322,6 +326,10 @@ def prepare(
     """
     world_size = dist_info.world_size if dist_info is not None else 1
     check_config(config, world_size)
+    if config.bn_feedback not in BN_FEEDBACK:
+        raise ConfigError(
+            f"bn_feedback must be one of {', '.join(BN_FEEDBACK)}, not {config.bn_feedback!r}"
+        )
     schedule = config.schedule()
     if dist_info is not None and dist_info.distributed:
         device = dist_info.device
@@ -350,6 +358,8 @@ def prepare(
             f"batch_size {config.batch_size} is larger than the {n_train} training examples of "
             f"{config.data!r}"
         )
+    if config.bn_feedback == "sigma":  # 000 App. D.3: BN's feedback path carries gamma / sigma
+        module = sigma_batchnorm(module)
     module = convert(module, config.rule, seed=config.seed, **config.rule_options).to(device)
     sharded = dist_info is not None and dist_info.distributed and config.strategy == "fsdp"
     if sharded:  # before the optimizer: it must hold the sharded Parameters
