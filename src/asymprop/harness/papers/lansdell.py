@@ -601,7 +601,7 @@ def _ae_figure(models: dict[str, nn.Module], x: Tensor, y: Tensor, path: Path) -
         encoder = model[:5]  # type: ignore[index]  # Flatten, Linear, Tanh, Linear, Identity
         with torch.no_grad():
             z = encoder(x).numpy()
-            recon = model(shown).reshape(-1, 28, 28).numpy()
+            recon = model(shown).reshape(shown.shape[0], *shown.shape[-2:]).numpy()
         ax = axes[0][col]
         ax.scatter(z[:, 0], z[:, 1], c=y.numpy(), cmap="tab10", s=1)
         ax.set_title(label, fontsize=8)
