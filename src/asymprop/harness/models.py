@@ -18,7 +18,8 @@ liao-timit    FC512, FC256, FC C                                     002, Table 
 liao-large    conv9x9x48/2, pool, conv5x5x128, pool,                 002, Table 1 (others)
               FC max(256, 3C), FC 2C, FC C
 crafton-cnn   conv3x3x32, max3/2, conv5x5x128, max3/2, conv5x5x256,  004, App. C.4
-              max3/2, FC2048, FC2048, FC C (dropout 0.5)
+              max3/2, FC2048, FC2048, FC C (dropout 0.5; optional
+              Gaussian activation noise, 004 Table 2b)
 resnet20      He et al.'s CIFAR ResNet, 16/32/64 channels            He et al. 2016, Sec. 4.2
 resnet18      torchvision's layout and names, BasicBlock             000, App. D.1
 resnet50      torchvision's layout and names, Bottleneck (v1.5)      000, App. D.1
@@ -49,6 +50,7 @@ from ..rules import did_you_mean
 
 __all__ = [
     "MODELS",
+    "ActivationNoise",
     "BasicBlock",
     "Bottleneck",
     "ResNet",
@@ -224,8 +226,10 @@ def _cnn(
     num_classes: int,
     bn: _BatchNorm = _BatchNorm(),
     dropout: float = 0.0,
+    activation_noise: float = 0.0,
 ) -> nn.Sequential:
-    """``features`` -> Flatten -> [Linear, ReLU (, Dropout)] per ``hidden`` width -> Linear."""
+    """``features`` -> Flatten -> [Linear, ReLU (, Dropout) (, ActivationNoise)] per ``hidden``
+    width -> Linear."""
     feature_stack = nn.Sequential(*features)
     width = _flat_size(name, feature_stack, input_shape)
     classifier: list[nn.Module] = []
@@ -233,6 +237,8 @@ def _cnn(
         classifier += _dense(width, out, "relu", bn)
         if dropout > 0:
             classifier.append(nn.Dropout(dropout))
+        if activation_noise > 0:
+            classifier.append(ActivationNoise(activation_noise))
         width = out
     classifier.append(nn.Linear(width, num_classes))
     return nn.Sequential(
@@ -240,6 +246,37 @@ def _cnn(
             features=feature_stack, flatten=nn.Flatten(), classifier=nn.Sequential(*classifier)
         )
     )
+
+
+@final
+class ActivationNoise(nn.Module):
+    """Adds ``std * xi``, ``xi ~ N(0, I)``, to its input while training; the identity in eval.
+
+    The "noise" entries of 004's ablation (Table 2, App. C.5): zero-mean Gaussian noise on the
+    hidden activations of BP and FA, of the size ``c_h`` that node perturbation uses to
+    estimate its gradients. Drawn from torch's global generator, like dropout (so a seed fixes
+    it and a run resumes bit for bit).
+
+    Example::
+
+        >>> noise = ActivationNoise(0.1)
+        >>> noise.eval()(torch.ones(2)).tolist()  # no noise at test time
+        [1.0, 1.0]
+    """
+
+    def __init__(self, std: float) -> None:
+        super().__init__()
+        if not (std >= 0 and math.isfinite(std)):
+            raise ValueError(f"activation noise std must be a finite number >= 0, not {std!r}")
+        self.std = float(std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.std == 0:
+            return x
+        return x + self.std * torch.randn_like(x)
+
+    def extra_repr(self) -> str:
+        return f"std={self.std:g}"
 
 
 def _numel(input_shape: tuple[int, ...]) -> int:
@@ -455,7 +492,11 @@ def liao_large(
 
 @register_model("crafton-cnn")
 def crafton_cnn(
-    input_shape: tuple[int, ...], num_classes: int, *, dropout: float = 0.5
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    dropout: float = 0.5,
+    activation_noise: float = 0.0,
 ) -> nn.Sequential:
     """The CIFAR CNN of Lansdell et al. (seed 004, App. C.4), after Crafton et al. (2019).
 
@@ -464,17 +505,41 @@ def crafton_cnn(
     FC layer (the paper's 0.5; set 0 for a deterministic forward pass). The paper gives no
     padding; we use "same" padding (k // 2 for convs, 1 for pools) because without it a
     32x32 input does not survive the third conv: 32 -> 16 -> 8 -> 4, so FC 2048 sees 4096.
+
+    ``activation_noise`` > 0 adds :class:`ActivationNoise` of that std (004's ``c_h``, Table 2b
+    "noise") at the input of every weight layer but the first -- after each pooling and each
+    hidden dropout, where node perturbation (``np``) perturbs -- while training; 0 (default)
+    adds no module.
     """
+    if not (activation_noise >= 0 and math.isfinite(activation_noise)):
+        raise ValueError(
+            f"crafton-cnn option activation_noise={activation_noise!r} must be a finite number >= 0"
+        )
+
+    def noise() -> list[nn.Module]:  # at the next weight layer's input, as np perturbs it
+        return [ActivationNoise(activation_noise)] if activation_noise > 0 else []
+
     features = [
         *_conv(_channels("crafton-cnn", input_shape), 32, 3, padding=1),
         nn.MaxPool2d(3, 2, padding=1),
+        *noise(),
         *_conv(32, 128, 5, padding=2),
         nn.MaxPool2d(3, 2, padding=1),
+        *noise(),
         *_conv(128, 256, 5, padding=2),
         nn.MaxPool2d(3, 2, padding=1),
+        *noise(),
     ]
     hidden = (2048, 2048)
-    return _cnn("crafton-cnn", input_shape, features, hidden, num_classes, dropout=dropout)
+    return _cnn(
+        "crafton-cnn",
+        input_shape,
+        features,
+        hidden,
+        num_classes,
+        dropout=dropout,
+        activation_noise=activation_noise,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
