@@ -236,8 +236,20 @@ def figure(rows: list[dict]) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("whole step time / plain PyTorch (1 thread)")
         ax.set_ylabel("angle(B, W) at the plateau, deg (mean over layers)")
-        ax.set_title(f"{model}: plateau vs cost (labels: budget x default)", fontsize=9)
+        ax.set_title(
+            f"{model}, W fixed: plateau vs cost (labels: budget x default;\n"
+            "float rounding, < 1e-4 deg, drawn at 1e-4)",
+            fontsize=9,
+        )
         ax.axhline(3, color="grey", lw=0.5)
+        ax.annotate(
+            "3 deg",
+            (ax.get_xlim()[0], 3),
+            fontsize=7,
+            color="grey",
+            textcoords="offset points",
+            xytext=(2, 2),
+        )
         ax.legend(fontsize=7)
     save_figure(fig, FIGURE)
     print(f"wrote {FIGURE}")

@@ -426,9 +426,10 @@ def _orthogonal_pairs(shape: Sequence[int], generator: torch.Generator, like: Te
         q, r = torch.linalg.qr(gaussian)
         blocks.append((q * torch.sign(torch.diagonal(r))).T)  # Haar: signs of R's diagonal
         drawn += m
-    x = torch.cat(blocks).mul_(math.sqrt(n_in)).to(like.dtype)
-    x = x.reshape(half, *shape[1:])
-    return torch.cat([x, -x])
+    pairs = torch.empty((2, rows, n_in), device=like.device, dtype=like.dtype)
+    torch.mul(torch.cat(blocks), math.sqrt(n_in), out=pairs[0])
+    torch.neg(pairs[0], out=pairs[1])
+    return pairs.reshape(2 * half, *shape[1:])
 
 
 def _coordinate_pairs(shape: Sequence[int], generator: torch.Generator, like: Tensor) -> Tensor:
@@ -441,10 +442,12 @@ def _coordinate_pairs(shape: Sequence[int], generator: torch.Generator, like: Te
     rows = half * math.prod(shape[1:-1])
     blocks = -(-rows // n_in)
     order = torch.rand((blocks, n_in), generator=generator, device=like.device).argsort(dim=1)
-    x = torch.zeros((rows, n_in), device=like.device, dtype=like.dtype)
-    x.scatter_(1, order.reshape(-1, 1)[:rows], math.sqrt(n_in))
-    x = x.reshape(half, *shape[1:])
-    return torch.cat([x, -x])
+    # both halves in one scatter: +sqrt(n_in) into the first, -sqrt(n_in) into the second
+    x = torch.zeros((2, rows, n_in), device=like.device, dtype=like.dtype)
+    index = order.reshape(1, -1, 1)[:, :rows].expand(2, rows, 1)
+    values = torch.tensor([math.sqrt(n_in), -math.sqrt(n_in)], device=like.device, dtype=like.dtype)
+    x.scatter_(2, index, values.reshape(2, 1, 1).expand(2, rows, 1))
+    return x.reshape(2 * half, *shape[1:])
 
 
 def _pairs(layer: FeedbackLayer, shape: Sequence[int]) -> Tensor:
