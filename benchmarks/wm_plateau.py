@@ -25,10 +25,13 @@ Gaussian drive (``--part conv`` measures why).
   impulses (one channel, every 5th entry: no patch sees two) at the default batch and at
   ``2 fan_in`` examples, and orthogonal designs of the whole input tensor (Haar rows and unit
   vectors over all C H W entries, antithetic).
+* ``--part train``: digits, mlp 256-256, SGD lr 0.05 momentum 0.9, 15 epochs, 3 seeds: bp, and
+  ``wm`` with the Gaussian and the coordinate drive: test error and angle(B, W) at the end.
 
     python benchmarks/wm_plateau.py --part cost       # ~4 min of one core
     python benchmarks/wm_plateau.py --part layer
     python benchmarks/wm_plateau.py --part conv
+    python benchmarks/wm_plateau.py --part train      # digits: does an exact B change training?
 """
 
 from __future__ import annotations
@@ -377,9 +380,55 @@ def part_conv(steps: int = 40) -> None:
         )
 
 
+# ------------------------------------------------------------------------ training
+
+
+def part_train(seeds: int = 3, epochs: int = 15) -> None:
+    """Does an exact B change training? digits, mlp 256-256 (ReLU), SGD lr 0.05, momentum 0.9
+    (the setting where B's lag decides stability, docs/rules.md), batch 64; bp, ``wm`` with the
+    Gaussian drive and with the coordinate drive (other options default); test error % and the
+    mean angle(B, W) at the end, mean +- s.e. over seeds."""
+    from asymprop.harness.data import load_dataset
+    from asymprop.harness.models import build_model
+
+    ds = load_dataset("digits")
+    x, y = ds.train.tensors  # type: ignore[attr-defined]
+    xt, yt = ds.test.tensors  # type: ignore[attr-defined]
+    print("| rule | test error % | mean angle(B, W) deg | CPU s |")
+    print("|---|---|---|---:|")
+    for rule, options in (
+        ("bp", {}),
+        ("wm", {"drive": "gaussian"}),
+        ("wm", {"drive": "coordinate"}),
+    ):
+        errors, angles, start = [], [], time.process_time()
+        for seed in range(seeds):
+            torch.manual_seed(seed)
+            net = build_model("mlp", tuple(x.shape[1:]), 10, widths=[256, 256])
+            model = asymprop.convert(net, rule, seed=seed, **options)
+            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+            gen = torch.Generator().manual_seed(seed)
+            for _ in range(epochs):
+                for idx in torch.randperm(len(x), generator=gen).split(64):
+                    asymprop.train_step(model, opt, F.cross_entropy, x[idx], y[idx])
+            model.eval()
+            with torch.no_grad():
+                errors.append(100 * float((model(xt).argmax(1) != yt).float().mean()))
+            stats = asymprop.alignment(model).values()
+            angles.append(statistics.fmean(a["angle_deg"] for a in stats))
+        cells = [
+            f"{statistics.fmean(v):.3g} +- {statistics.stdev(v) / len(v) ** 0.5:.2g}"
+            for v in (errors, angles)
+        ]
+        name = rule + "".join(f", {k}={v}" for k, v in options.items())
+        print(
+            f"| {name} | {cells[0]} | {cells[1]} | {time.process_time() - start:.0f} |", flush=True
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--part", choices=["cost", "layer", "conv"], default="cost")
+    p.add_argument("--part", choices=["cost", "layer", "conv", "train"], default="cost")
     p.add_argument("--models", nargs="+", default=["mlp", "liao-mnist"])
     p.add_argument("--budget", type=float, default=90, help="seconds of A/B rounds per model")
     p.add_argument("--rounds", type=int, default=8, help="most A/B rounds per model")
@@ -390,6 +439,8 @@ def main() -> None:
         part_cost(args.models, args.budget, args.rounds)
     elif args.part == "layer":
         part_layer()
+    elif args.part == "train":
+        part_train()
     else:
         part_conv()
 
