@@ -235,3 +235,37 @@ def test_a_design_rounds_an_odd_mirror_batch_up_and_replays_from_its_stream(driv
         return layer.feedback_weight.clone()
 
     torch.testing.assert_close(run(), run(), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ the benchmark's budgets
+
+
+def test_the_plateau_benchmark_budgets_are_the_rules_default_batches() -> None:
+    """benchmarks/wm_plateau.py scales each layer's mirror batch from the default; at budget 1
+    its formula must give the batch ``WM.noise_shape`` picks (dense and conv layers)."""
+    import sys
+    from pathlib import Path
+
+    here = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, here)
+    try:
+        import wm_plateau
+    finally:
+        sys.path.remove(here)
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3),
+        nn.ReLU(),
+        nn.Conv2d(4, 3, 3, stride=2),
+        nn.Flatten(),
+        nn.Linear(3 * 2 * 2, 5),
+    )
+    x = torch.randn(4, 2, 8, 8)
+    sites = wm_plateau.sites(net, x)
+    assert {n: s.kind for n, s in sites.items()} == {"0": "conv", "2": "conv", "4": "dense"}
+    model = asymprop.convert(net, "wm", seed=0, warmup_steps=0)
+    asymprop.mirror(model, steps=1, example_input=x)
+    layers = dict(asymprop.feedback_layers(model))
+    for name, site in sites.items():
+        assert site.batch(1.0) == layers[name].rule.noise_shape(layers[name])[0], name
+    assert sites["4"].batch(0.1) == max(2, math.ceil(0.1 * 2 * 12))
