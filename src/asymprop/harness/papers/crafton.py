@@ -197,7 +197,9 @@ def crafton(name: str, config: dict[str, Any], out: Path) -> ItemResult:
                     ),
                     "test_error": error,
                     "train_loss": last.get("train_loss", math.nan),
-                    "delta_angle_deg": nanmean(deltas[:-1]),  # hidden layers: not the output
+                    # the error each layer sends to its input (metrics.delta_alignment), but
+                    # the first's (its input is the image): the errors the hidden layers get
+                    "delta_angle_deg": nanmean(deltas[1:]),
                     "seconds": sum(r["seconds"] for r in run_rows),
                 }
             )
@@ -212,7 +214,7 @@ def crafton(name: str, config: dict[str, Any], out: Path) -> ItemResult:
                 [
                     "entry",
                     "test error (%)",
-                    "delta angle (deg, hidden layers)",
+                    "delta angle (deg, errors sent to hidden layers)",
                     "train loss",
                     "s/run",
                 ],
