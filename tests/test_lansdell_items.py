@@ -124,7 +124,7 @@ def _tiny(name: str, **overrides: Any) -> dict[str, Any]:
 
 
 def test_tiny_mlp_item_runs_on_digits(tmp_path: Path) -> None:
-    config = _tiny("lansdell-mlp", train_size=128, log_every=8)
+    config = _tiny("lansdell-mlp", train_size=64, log_every=2)
     result = lansdell_mlp("lansdell-mlp", config, tmp_path)
     assert result.table.count("| reproduced |") + result.table.count("| partly |") + (
         result.table.count("| not reproduced |")
@@ -134,7 +134,7 @@ def test_tiny_mlp_item_runs_on_digits(tmp_path: Path) -> None:
     assert len(result.rows) == len(config["methods"])
 
 
-def test_tiny_fixed_w_item_runs_on_digits_and_keeps_w(tmp_path: Path) -> None:
+def test_tiny_fixed_w_item_runs_on_digits(tmp_path: Path) -> None:
     config = _tiny("lansdell-fixed-w", train_size=256, steps=12, log_every=4)
     result = lansdell_fixed_w("lansdell-fixed-w", config, tmp_path)
     assert "rel. error 3 at step" in result.table and "| N |" in result.table
