@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.ticker import NullFormatter
 from torch import Tensor, nn
 
 from ...convert import convert, feedback_layers
@@ -342,6 +343,8 @@ def _width_figure(by_width: Mapping[int, Sequence[Mapping[str, Any]]], path: Pat
             means = [np.mean([r[f"{metric}/{layer}"] for r in by_width[n]]) for n in widths]
             ax.plot(widths, means, marker="o", label=f"layer {layer}")
         ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(widths, [str(n) for n in widths])
         ax.set_xlabel("width N (784-N-50-10)", fontsize=8)
         ax.set_title(ylabel, fontsize=8)
     axes[0][0].legend(fontsize=7)
@@ -376,6 +379,7 @@ def _lansdell_figure(
                 ax.set_xscale("symlog", linthresh=max(1, steps[1]))
                 if metric == "rel_error":
                     ax.set_yscale("log")
+                    ax.yaxis.set_minor_formatter(NullFormatter())  # no 2.75x10^0 labels
     axes[0][0].legend(fontsize=6)
     return save_figure(fig, path, dpi=DPI, max_bytes=MAX_PNG_BYTES)
 
