@@ -13,17 +13,27 @@ for a full run from a checkout).
 
 | item | paper | what |
 | --- | --- | --- |
-| ``akrout-fashion-mnist`` | 001 panels a-f | test error and B/delta angles of BP, FA, SS, WM, KP |
-| ``akrout-fashion-mnist-cnn`` | 001 panels a-f | the same with Liao's MNIST CNN |
-| ``akrout-fashion-mnist-resnet20`` | 001 panels a-f | the same with a 20-layer ResNet |
+| ``akrout-fashion-mnist`` | 001 a-f, 000 C-D | BP, FA, SS, WM, KP; WM's paper settings, C.2, C.4 |
+| ``akrout-fashion-mnist-cnn`` | 001 a-f | the same with Liao's MNIST CNN, BN both ways |
+| ``akrout-fashion-mnist-resnet20`` | 001 a-f | the same with a 20-layer ResNet |
+| ``akrout-resnet20-bn-feedback`` | 000 App. D.3 | BN's full backward against gamma/sigma only |
+| ``akrout-kp-long`` | 001 c-f | KP trained long at the paper's lr x weight decay |
+| ``akrout-wm-conv`` | 000 App. B | WM's plateau per conv layer, predicted and measured |
 | ``liao-digits`` | 002 Tables 2-5, C2 | sign-concordant, random feedback, BN, BM, clamped layers |
-| ``liao-fashion-mnist`` | 002 Tables 2-5, C2 | the same tables on Fashion-MNIST |
-| ``liao-mnist1d`` | 002 Tables 2-5, C2 | the same tables on MNIST-1D |
-| ``lansdell-mlp`` | 004 Fig. 2, 4 | NP vs FA vs BP in a 784-50-20-10 sigmoid MSE net; fixed W |
-| ``lansdell-autoencoder`` | 004 Table 2a, Fig. 3 | the 784-200-2-200-784 autoencoder |
+| ``liao-fashion-mnist`` | 002 Tables 2, 4 | the same tables on Fashion-MNIST |
+| ``liao-fashion-mnist-cnn`` | 002 Table 2 | Table 2 with their MNIST CNN |
+| ``liao-mnist1d`` | 002 Table 2, C1 | Table 2 and random feedback on MNIST-1D |
+| ``liao-bm-sweep`` | 002 (VI) | Batch Manhattan against training-set size and batch size |
+| ``lansdell-mlp`` | 004 Fig. 2 | NP (five noise levels) vs FA vs BP, 784-50-20-10 sigmoid MSE net |
+| ``lansdell-fixed-w`` | 004 App. B, Fig. 4 | NP's ridge fit of B for a fixed W; 784-N-50-10 |
+| ``lansdell-autoencoder`` | 004 Table 2a, Fig. 3 | the bottleneck autoencoder, searched |
+| ``crafton-fashion-mnist`` | 004 Table 1, 2b | BP, DFA, NP, SG (DFA-shaped), noise ablation |
 | ``feedback-convergence`` | 003 eq. 14, 000 eq. 21 | KP's B - W decay, WM's mirror mode: theory |
 | ``study-vit-fashion-mnist`` | beyond the seeds | every rule in a small ViT, verdicts vs criteria |
 | ``study-mnist1d-sequence`` | beyond the seeds | the same for a conv1d, a transformer and a GRU |
+
+Every item's config states its claims and their criteria (``claims:``, judged by
+:mod:`asymprop.harness.papers.verdicts`; the study items' ``criteria:``) before its runs.
 
 Each paper's items live in :mod:`asymprop.harness.papers` (one module per paper); this module
 registers them (:data:`ITEMS`), runs them and writes their tables.
