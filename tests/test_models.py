@@ -220,7 +220,7 @@ def test_bad_names_and_options():
     assert all(name in str(err.value) for name in list_models())
     with pytest.raises(TypeError, match=r"'depth'.*valid options: .*widths"):
         build_model("mlp", (1, 8, 8), 10, depth=3)
-    with pytest.raises(TypeError, match=r"'widths'.*valid options: dropout$"):
+    with pytest.raises(TypeError, match=r"'widths'.*valid options: activation_noise, dropout$"):
         build_model("crafton-cnn", (3, 32, 32), 10, widths=(3,))
     with pytest.raises(ValueError, match=r"'swish'.*relu, tanh, sigmoid, identity"):
         build_model("mlp", (1, 8, 8), 10, activation="swish")

@@ -66,3 +66,10 @@ def test_the_table_prints_the_criterion_and_a_changed_criterion():
     assert "mean(a) < mean(b) by > 2 s.e." in table
     assert "criterion set or changed after seeing results: was by 6 s.e." in table
     assert "a 11.00 ± 0.58" in table
+
+
+def test_a_pipe_inside_a_cell_is_escaped():
+    table = verdict_table([judge({"claim": "a|b", "within": ["a", "c"], "tol": 1}, VALUES)])
+    row = table.splitlines()[2]
+    assert "\\|mean(a) - mean(c)\\| <= 1" in row and "a\\|b" in row
+    assert row.replace("\\|", "").count("|") == 5  # four cells

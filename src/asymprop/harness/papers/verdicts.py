@@ -166,9 +166,11 @@ def judge_all(
 
 
 def verdict_table(verdicts: Sequence[Verdict]) -> str:
-    """Markdown: one line per verdict, the criterion beside it (and a note if it changed)."""
+    """Markdown: one line per verdict, the criterion beside it (and a note if it changed); a
+    ``|`` inside a cell (``|mean(a) - mean(b)|``) is escaped so that it does not split the cell."""
     lines = ["| claim | criterion | measured | verdict |", "| --- | --- | --- | --- |"]
     for v in verdicts:
         verdict = f"{v.verdict} ({v.note})" if v.note else v.verdict
-        lines.append(f"| {v.claim} | {v.criterion} | {v.measured} | {verdict} |")
+        cells = [c.replace("|", "\\|") for c in (v.claim, v.criterion, v.measured, verdict)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
