@@ -44,11 +44,13 @@ def test_select_lr_extends_at_an_edge_at_most_twice_and_records_every_lr() -> No
     assert lr == 0.1 and sorted(tried) == [1e-3, 1e-2, 0.1]  # the high edge
 
 
-def test_select_lr_stops_inside_the_grid_and_counts_divergence_as_chance() -> None:
+def test_select_lr_stops_inside_the_grid_and_never_chooses_a_diverged_lr() -> None:
     lr, tried = select_lr(lambda lr: abs(math.log10(lr) + 2), [1e-3, 1e-2, 0.1])
     assert lr == 1e-2 and len(tried) == 3  # best inside: nothing added
     lr, tried = select_lr(lambda lr: math.nan if lr > 0.05 else 0.95, [1e-2, 0.1], 0)
-    assert tried == {1e-2: 0.95, 0.1: CHANCE} and lr == 0.1
+    assert tried == {1e-2: 0.95, 0.1: math.inf} and lr == 1e-2  # diverged: never chosen
+    lr, tried = select_lr(lambda lr: math.nan, [1e-2, 0.1], 0)
+    assert lr == 1e-2  # every run diverged: the smallest lr (reported as chance)
     with pytest.raises(ValueError, match="non-empty"):
         select_lr(lambda lr: 0.0, [], 2)
 

@@ -53,6 +53,10 @@ def test_each_comparison_gives_its_three_outcomes(claim, verdict):
         {"claim": "x", "within": ["a", "b"], "tol": 2, "partly": 1},  # partly stricter
         {"claim": "x", "at_most": "a", "value": 2, "partly": 1},
         {"claim": "x", "at_least": "a", "value": 2, "partly": 3},
+        {"claim": "x", "within": ["a", "b"]},  # no tol
+        {"claim": "x", "at_most": "a"},  # no value
+        {"claim": "x", "less": ["a", "b", "c"]},  # three names
+        {"claim": "x", "less": "ab"},  # a string, not two names
     ],
 )
 def test_a_malformed_claim_is_refused(claim):
@@ -73,3 +77,12 @@ def test_a_pipe_inside_a_cell_is_escaped():
     row = table.splitlines()[2]
     assert "\\|mean(a) - mean(c)\\| <= 1" in row and "a\\|b" in row
     assert row.replace("\\|", "").count("|") == 5  # four cells
+
+
+def test_an_equivalence_inside_the_seeds_noise_says_so():
+    noisy = {"p": [10.0, 14.0, 18.0], "q": [11.0, 15.0, 19.0]}  # gap 1, s.e. 2.3 each
+    verdict = judge({"claim": "alike", "within": ["p", "q"], "tol": 2}, noisy)
+    assert verdict.verdict == REPRODUCED  # the committed criterion decides
+    assert "equivalence is not shown" in verdict.note and "2 s.e. 6.53" in verdict.measured
+    tight = judge({"claim": "alike", "within": ["a", "c"], "tol": 2}, VALUES)
+    assert tight.verdict == REPRODUCED and tight.note == ""  # 2 s.e. 1.29 < 2

@@ -108,7 +108,9 @@ def select_lr(
     """Stage 1 of the protocol (module docstring): the learning rate of lowest error, and every
     learning rate tried with its error.
 
-    ``error_at(lr)`` trains the selection seed (a non-finite error counts as :data:`CHANCE`).
+    ``error_at(lr)`` trains the selection seed; a non-finite error (a diverged run) loses to
+    every finite one (it is tried as infinite, and so never chosen while a run at another lr
+    finished), and is recorded as ``inf`` in the learning rates tried.
     While the lowest error sits at an edge of the learning rates tried, one more decade is tried
     beyond that edge (lr x 10 or lr / 10), at most ``extensions`` times. Ties go to the smaller
     learning rate.
@@ -122,7 +124,7 @@ def select_lr(
 
     def measured(lr: float) -> float:
         error = error_at(lr)
-        return error if math.isfinite(error) else CHANCE
+        return error if math.isfinite(error) else math.inf
 
     tried = {lr: measured(lr) for lr in sorted(grid)}
     for _ in range(extensions):
@@ -171,7 +173,8 @@ class _Runs:
     def error(
         self, entry: str, lr: float, seed: int, stage: str, run: Mapping[str, Any], tag: str = ""
     ) -> float:
-        """The test error of ``entry`` at ``lr`` and ``seed`` with run settings ``run``."""
+        """The test error of ``entry`` at ``lr`` and ``seed`` with run settings ``run`` (NaN if
+        the run diverged)."""
         spec = liao_entry(entry)
         settings = {
             **run,
@@ -200,7 +203,7 @@ class _Runs:
                 error = 1 - float(run_rows[-1]["test_accuracy"])
             except DivergenceError:
                 error = math.nan
-            self.errors[key] = error if math.isfinite(error) else CHANCE
+            self.errors[key] = error  # NaN: diverged (chance in the reported errors)
             log.info("%s %s%s lr %g seed %d: error %.4f", self.name, entry, tag, lr, seed, error)
         error = self.errors[key]
         extra = {k: run[k] for k in ("train_size", "batch_size") if tag and k in run}
@@ -218,12 +221,15 @@ class _Runs:
             grid,
             self.extensions,
         )
-        errors = [self.error(entry, lr, seed, "report", run, tag) for seed in self.seeds]
+        errors = [_chance(self.error(entry, lr, seed, "report", run, tag)) for seed in self.seeds]
         return Choice(lr, tried, errors)
 
 
 def _tried(choice: Choice) -> str:
-    return ", ".join(f"{lr:g}: {100 * e:.1f}" for lr, e in sorted(choice.tried.items()))
+    return ", ".join(
+        f"{lr:g}: " + (f"{100 * e:.1f}" if math.isfinite(e) else "diverged")
+        for lr, e in sorted(choice.tried.items())
+    )
 
 
 def liao(name: str, config: dict[str, Any], out: Path) -> ItemResult:
@@ -272,7 +278,8 @@ def liao_best(
     rows: Sequence[Mapping[str, Any]], entries: Sequence[str]
 ) -> dict[str, tuple[float, list[float]]]:
     """Per entry, the chosen learning rate and the reported errors (a diverged run counts as
-    chance, 90%).
+    chance, 90%, in the errors, and loses to any finished run in the choice): the protocol's
+    choice read back from an item's rows (``results.csv``).
 
     The chosen lr has the lowest mean error over the entry's ``stage == "select"`` rows; the
     errors are its ``stage == "report"`` rows at that lr (the held-out seeds). A row without a
@@ -286,8 +293,9 @@ def liao_best(
             raise ValueError(f"no selection runs of entry {entry!r}")
         options = []
         for lr in sorted({r["lr"] for r in select}):
-            errors = [_chance(r["test_error"]) for r in select if r["lr"] == lr]
-            options.append((float(np.mean(errors)), lr))
+            errors = [r["test_error"] for r in select if r["lr"] == lr]
+            mean = float(np.mean(errors)) if all(math.isfinite(e) for e in errors) else math.inf
+            options.append((mean, lr))  # a diverged run is never chosen over a finished one
         _, lr = min(options)
         report = [r for r in mine if r.get("stage", "report") == "report" and r["lr"] == lr]
         best[entry] = (lr, [_chance(r["test_error"]) for r in report])

@@ -14,7 +14,8 @@ exactly one comparison:
     single value on either side there is no s.e.: the verdict is at most "partly".
 ``within: [A, B]``, ``tol: t`` (``partly``: t2 > t)
     A's mean is within t of B's. Reproduced when ``|mean(A) - mean(B)| <= t``; partly when
-    ``<= t2``; else not.
+    ``<= t2``; else not. When twice the s.e. of the difference exceeds t the verdict says so
+    (the seeds cannot tell a gap of t from none: equivalence is not shown).
 ``at_most: A``, ``value: v`` (``partly``: v2 > v)
     Reproduced when ``mean(A) <= v``; partly when ``<= v2``; else not.
 ``at_least: A``, ``value: v`` (``partly``: v2 < v)
@@ -100,6 +101,14 @@ def judge(claim: Mapping[str, Any], values: Mapping[str, Sequence[float]]) -> Ve
     text, note = str(claim["claim"]), str(claim.get("changed", ""))
     if note:
         note = f"criterion set or changed after seeing results: {note}"
+    names = claim[kind]
+    if kind in ("less", "within") and (
+        isinstance(names, str) or not isinstance(names, Sequence) or len(names) != 2
+    ):
+        raise ValueError(f"claim {text!r}: {kind} needs a list of two value names, not {names!r}")
+    needed = {"within": "tol", "at_most": "value", "at_least": "value"}.get(kind)
+    if needed is not None and needed not in claim:
+        raise ValueError(f"claim {text!r}: {kind} needs {needed!r} (the bound)")
     if kind == "less":
         a, b = claim["less"]
         k, by = float(claim.get("se", 2.0)), float(claim.get("by", 0.0))
@@ -138,6 +147,13 @@ def judge(claim: Mapping[str, Any], values: Mapping[str, Sequence[float]]) -> Ve
         )
         measured = f"{_fmt(a, ma, sa, na)}, {_fmt(b, mb, sb, nb)}: gap {_num(gap)}"
         verdict = REPRODUCED if gap <= tol else PARTLY if gap <= partly else NOT  # NaN: not
+        if na > 1 and nb > 1:
+            two_se = 2 * math.sqrt(sa**2 + sb**2)
+            measured += f", 2 s.e. {_num(two_se)}"
+            if verdict != NOT and two_se > tol:  # disclosed, not a change of the criterion
+                noise = f"the gap's 2 s.e. ({_num(two_se)}) exceeds the tolerance: equivalence "
+                noise += "is not shown beyond the seeds' noise"
+                note = f"{note}; {noise}" if note else noise
         return Verdict(text, criterion, measured, verdict, note)
     name = claim[kind]
     bound = float(claim["value"])
