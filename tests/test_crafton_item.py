@@ -141,3 +141,11 @@ def test_quick_item_runs(tmp_path: Path) -> None:
     assert all(r["activation_noise"] == np_noise for r in noisy)
     assert "| claim | criterion |" in result.table
     assert all(path.is_file() for path in result.figures)
+
+
+def test_a_noise_ablation_without_a_noise_source_is_refused(tmp_path: Path) -> None:
+    config = item_config("crafton-fashion-mnist", quick=True)
+    with pytest.raises(ValueError, match=r"noise_from .*'DFA'.*such methods: NP"):
+        crafton("crafton-fashion-mnist", {**config, "noise_from": "DFA"}, tmp_path)
+    with pytest.raises(ValueError, match=r"noise_ablation names \['XX'\]"):
+        crafton("crafton-fashion-mnist", {**config, "noise_ablation": {"X": "XX"}}, tmp_path)

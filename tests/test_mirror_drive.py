@@ -269,3 +269,19 @@ def test_the_plateau_benchmark_budgets_are_the_rules_default_batches() -> None:
     for name, site in sites.items():
         assert site.batch(1.0) == layers[name].rule.noise_shape(layers[name])[0], name
     assert sites["4"].batch(0.1) == max(2, math.ceil(0.1 * 2 * 12))
+
+
+def test_a_conv_layer_under_a_design_drive_says_once_that_it_keeps_the_gaussian_drive(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    mirror_module = importlib.import_module("asymprop.mirror")  # the module, not the function
+    monkeypatch.setattr(mirror_module, "_KEPT", set())
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten())
+    with caplog.at_level("WARNING", logger="asymprop.mirror"):
+        asymprop.convert(nn.Sequential(*net, nn.Linear(64, 3)), "wm", drive="coordinate", seed=0)
+        asymprop.convert(nn.Sequential(nn.Linear(4, 3)), "wm", drive="coordinate", seed=0)
+        asymprop.convert(nn.Sequential(nn.Conv2d(1, 2, 3)), "wm", seed=0)  # gaussian: silent
+    kept = [r.getMessage() for r in caplog.records if "keep the Gaussian drive" in r.message]
+    assert len(kept) == 1 and "FeedbackConv2d" in kept[0]  # two convs, one line; Linear: none

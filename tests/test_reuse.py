@@ -122,3 +122,15 @@ def test_a_run_resumed_by_other_code_says_so(
     experiment._write_code(path, 4)  # the same other code again: nothing new
     assert read_yaml(path)["resumed"] == [{"epoch": 3, **other}]
     assert read_yaml(path) != code_identity()  # so --reuse will not take it
+
+
+def test_a_resumed_run_without_code_yaml_is_not_credited_to_this_code(tmp_path: Path) -> None:
+    path = tmp_path / "code.yaml"  # a run made before code.yaml existed, resumed now
+    experiment._write_code(path, 2)
+    recorded = read_yaml(path)
+    assert recorded["version"] == "unknown" and recorded["source_sha256"] == "unknown"
+    assert recorded["resumed"] == [{"epoch": 2, **code_identity()}]
+    assert recorded != code_identity()  # --reuse will not take it
+    path.write_text("{not yaml: [")  # unreadable: the same
+    experiment._write_code(path, 3)
+    assert read_yaml(path)["source_sha256"] == "unknown"

@@ -62,6 +62,8 @@ from .rules import (
 __all__ = ["PAPER_OPTIONS", "WM", "mirror"]
 
 logger = logging.getLogger(__name__)
+_KEPT: set[tuple[str, str]] = set()
+"""(drive, layer kind) pairs already told that they keep the Gaussian drive."""
 
 Nonlinearity = Literal["relu", "identity"]
 Drive = Literal["gaussian", "orthogonal", "coordinate"]
@@ -257,6 +259,18 @@ class WM(FeedbackRule):
         return self.hebbian_rate * self.noise_std**2 * self.slope / self.decay
 
     # --- set-up -----------------------------------------------------------------------------
+    def init_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> None:
+        super().init_feedback(layer, generator)
+        kept = (self.drive, type(layer).__name__)
+        if self.drive != "gaussian" and not self._orthogonal(layer) and kept not in _KEPT:
+            _KEPT.add(kept)  # once per process and layer kind
+            logger.warning(
+                "wm drive=%r: %s layers are not a matrix product on their input's last "
+                "dimension (convolutions, bilinear products), so they keep the Gaussian drive "
+                "(docs/rules.md, 'Variance-reduced drives')",
+                *kept,
+            )
+
     def initial_feedback(self, layer: FeedbackLayer, generator: torch.Generator) -> Tensor:
         layer.seed_feedback_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
         layer.feedback_state.update(mirror_steps=0, mirror_updates=0, warmed_up=False)

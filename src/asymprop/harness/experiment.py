@@ -1018,16 +1018,19 @@ def _write_code(path: Path, resumed_at: int | None) -> None:
 
     A fresh run (``resumed_at`` None) writes the identity; a run resumed at an epoch by other
     code keeps the original and appends ``resumed: [{epoch, version, source_sha256}, ...]``, so
-    the file never claims that one code made a run two made.
+    the file never claims that one code made a run two made. A resumed run without a readable
+    ``code.yaml`` (made before asymprop wrote one) starts from ``unknown`` code.
     """
     identity = code_identity()
-    if resumed_at is None or not path.is_file():
+    if resumed_at is None:
         write_yaml(path, identity)
         return
+    unknown: dict[str, Any] = {key: "unknown" for key in identity}  # no code.yaml, or unreadable
+    recorded: dict[str, Any]
     try:
-        recorded = read_yaml(path)
+        recorded = read_yaml(path) if path.is_file() else dict(unknown)
     except (OSError, ValueError):
-        recorded = {"unknown": "code.yaml unreadable at resume"}
+        recorded = dict(unknown)
     latest = (recorded.get("resumed") or [recorded])[-1]
     if {k: latest.get(k) for k in identity} != identity:
         recorded["resumed"] = [*recorded.get("resumed", []), {"epoch": resumed_at, **identity}]

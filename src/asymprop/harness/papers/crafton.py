@@ -144,6 +144,17 @@ def crafton(name: str, config: dict[str, Any], out: Path) -> ItemResult:
     started = time.perf_counter()
     reuse = bool(config.get("reuse", False))
     run, search, methods = config["run"], config["search"], config["methods"]
+    if config.get("noise_ablation"):
+        source = config.get("noise_from")
+        if source not in methods or "noise_std" not in methods[source].get("tune", []):
+            raise ValueError(
+                f"noise_from must name a method that searches noise_std (its c_h is the "
+                f"activation noise), not {source!r}; such methods: "
+                + ", ".join(m for m, spec in methods.items() if "noise_std" in spec.get("tune", []))
+            )
+        unknown = [b for b in config["noise_ablation"].values() if b not in methods]
+        if unknown:
+            raise ValueError(f"noise_ablation names {unknown}, not among methods {list(methods)}")
     search_run = {
         **run,
         "train_size": search["train_size"],
@@ -164,13 +175,16 @@ def crafton(name: str, config: dict[str, Any], out: Path) -> ItemResult:
             hyper = {"lr": drawn.get("lr", search_run.get("lr")), **hyper}
             directory = out / "search" / f"draw{search['draw_seed']}" / f"{_slug(label)}-{k}"
             settings = method_settings(search_run, drawn)
-            error, _ = _run_error(settings, directory, held_out, reuse)
-            tried.append((error, k, drawn))
+            error, done = _run_error(settings, directory, held_out, reuse)
+            # a diverged draw loses to every finished one (its 90% is not a measured error)
+            tried.append((error if done else math.inf, k, drawn))
             rows.append(
                 {"part": "search", "entry": label, "config": k, **hyper, "val_error": error}
             )
             log.info("%s search %s %d %s: validation error %.4f", name, label, k, hyper, error)
         chosen[label] = min(tried, key=lambda t: (t[0], t[1]))[2]
+        if all(math.isinf(t[0]) for t in tried):
+            log.warning("%s: every search draw of %s diverged; it runs the first", name, label)
     entries = {label: method_settings(run, chosen[label]) for label in methods}
     for label, base in config.get("noise_ablation", {}).items():
         noise_std = chosen[config["noise_from"]]["options"]["noise_std"]  # NP's c_h (C.5)

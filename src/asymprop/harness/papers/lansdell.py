@@ -484,6 +484,8 @@ def lansdell_autoencoder(name: str, config: dict[str, Any], out: Path) -> ItemRe
                 )  # fmt: skip
                 log.info("%s search %s: %s", name, label, rows[-1])
             chosen[label] = candidates[int(np.argmin(scores))]  # all diverged: the first
+            if all(math.isinf(v) for v in scores):
+                log.warning("%s: every search draw of %s diverged; it runs the first", name, label)
             for seed in config["seeds"]:
                 model, train_loss = _ae_train(config, chosen[label], seed, x_train)
                 rows.append(
