@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -38,21 +37,12 @@ from torch import Tensor, nn
 import asymprop
 from asymprop.harness.data import load_dataset
 from asymprop.harness.models import build_model
+from asymprop.harness.papers.lansdell import authors_init
 
 
 def half_sse(outputs: Tensor, targets: Tensor) -> Tensor:
     """The authors' loss: 0.5 * squared error summed over the batch and the outputs."""
     return 0.5 * ((outputs - targets) ** 2).sum()
-
-
-def he_init(model: nn.Module) -> None:
-    """The authors' initialisation (synthfeedback npmodels.py): W and b ~ N(0, 2 / fan_in)."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear):
-                std = math.sqrt(2 / module.in_features)
-                module.weight.normal_(0, std)
-                module.bias.normal_(0, std)
 
 
 def fashion(normalize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -87,7 +77,7 @@ def fixed_w(steps: int, batch: int) -> dict[str, Any]:
     ):
         torch.manual_seed(0)
         model = build_model("lansdell-mlp", (1, 28, 28), 10)
-        he_init(model)
+        authors_init(model)
         model = asymprop.convert(model, "np", seed=0, noise_std=0.01, warmup_steps=10**9, **options)
         names = [name for name, _ in asymprop.feedback_layers(model)]
         middle, top = names[1], names[2]
@@ -172,7 +162,7 @@ def classify(epochs: int, seeds: int) -> dict[str, Any]:
         for rule, options in rules.items():
             torch.manual_seed(seed)
             model = build_model("lansdell-mlp", (1, 28, 28), 10)
-            he_init(model)
+            authors_init(model)
             model = asymprop.convert(model, rule, seed=seed, **options)
             warmup = int(options.get("warmup_steps", 0))
             seconds = train(

@@ -16,8 +16,8 @@ from torch import nn
 
 import asymprop
 from asymprop.harness.papers.lansdell import (
-    _authors_init,
     _lowest,
+    authors_init,
     lansdell_autoencoder,
     lansdell_fixed_w,
     lansdell_mlp,
@@ -101,10 +101,10 @@ def test_lowest_mean_counts_nan_as_worst() -> None:
     assert _lowest(values, ["a", "b"]) == "a"
 
 
-def test_authors_init_draws_w_and_b_with_variance_two_over_fan_in() -> None:
+def testauthors_init_draws_w_and_b_with_variance_two_over_fan_in() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(400, 300), nn.Sigmoid(), nn.Linear(300, 200))
-    _authors_init(net)
+    authors_init(net)
     for layer in (net[0], net[2]):
         std = math.sqrt(2 / layer.in_features)
         assert float(layer.weight.detach().std()) == pytest.approx(std, rel=0.02)

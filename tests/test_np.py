@@ -18,6 +18,7 @@ from torch import nn
 
 import asymprop
 from asymprop import convert, train_step, update_feedback
+from asymprop.harness.papers.lansdell import authors_init
 from asymprop.perturbation import loss_scale, per_example_loss, perturbation_estimate
 
 
@@ -106,10 +107,7 @@ def _fixed_w_run(
         nn.Linear(x.shape[1], 50), nn.Sigmoid(), nn.Linear(50, 20), nn.Sigmoid(), nn.Linear(20, 10)
     )
     if he_init:  # the authors' initialisation: W and b ~ N(0, 2 / fan_in)
-        with torch.no_grad():
-            for layer in net[::2]:
-                layer.weight.normal_(0, math.sqrt(2 / layer.in_features))
-                layer.bias.normal_(0, math.sqrt(2 / layer.in_features))
+        authors_init(net)
     model = convert(net, "np", seed=0, noise_std=0.01, warmup_steps=10**9, **options)
     opt = torch.optim.SGD(model.parameters(), lr=4e-4)
     first_b = model[0].feedback_weight.clone()

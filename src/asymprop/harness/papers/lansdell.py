@@ -23,7 +23,7 @@ from ...metrics import alignment, delta_alignment
 from ...optim import make_optimizer
 from ..data import load_dataset
 from ..experiment import torch_threads
-from ..models import build_model
+from ..models import ActivationNoise, build_model
 from ..plotting import panels, save_figure
 from ..records import format_values, mean_se
 from .common import (
@@ -293,8 +293,9 @@ def _at(curve: Sequence[Mapping[str, Any]], step: int, key: str) -> float:
     return float(next(row[key] for row in curve if row["step"] == step))
 
 
-def _authors_init(model: nn.Module) -> None:
-    """The authors' initialisation: every Linear's W and b ~ N(0, 2 / fan_in) (004's code)."""
+def authors_init(model: nn.Module) -> None:
+    """The authors' initialisation: every Linear's W and b ~ N(0, 2 / fan_in), drawn in module
+    order, W before b, from torch's global generator (004's code, synthfeedback npmodels.py)."""
     with torch.no_grad():
         for layer in model.modules():
             if isinstance(layer, nn.Linear):
@@ -316,7 +317,7 @@ def _lansdell_fixed(
     torch.manual_seed(seed)
     model = build_model("lansdell-mlp", tuple(x.shape[1:]), 10, widths=hidden)
     if config["init"] == "authors":
-        _authors_init(model)
+        authors_init(model)
     steps = config["steps"]
     model = convert(
         model,
@@ -393,17 +394,16 @@ def _sum_mse(outputs: Tensor, inputs: Tensor) -> Tensor:
 
 
 class _ActivationNoise:
-    """Adds ``N(0, std^2)`` to the output of every hidden activation while training."""
+    """Adds :class:`~asymprop.harness.models.ActivationNoise` to the output of every hidden
+    activation while training (hooks: the autoencoder is built without noise modules)."""
 
     def __init__(self, model: nn.Module, std: float) -> None:
-        self.std = std
+        self.noise = ActivationNoise(std)
         hidden = [m for m in model if isinstance(m, nn.Tanh | nn.Identity)]  # type: ignore[attr-defined]
         self.handles = [m.register_forward_hook(self._hook) for m in hidden]
 
     def _hook(self, module: nn.Module, args: Any, output: Tensor) -> Tensor | None:
-        if module.training and self.std > 0:
-            return output + self.std * torch.randn_like(output)
-        return None
+        return self.noise(output) if module.training and self.noise.std > 0 else None
 
 
 SEARCHED = ("lr", "lr_b", "noise_std")
