@@ -122,6 +122,38 @@ def classification_run(
     return train(config, run=run, plots=False)
 
 
+CHANCE_ERROR = 0.9
+"""The test error a diverged run counts as in a ten-class item's table (the papers' items)."""
+
+
+def run_error(
+    settings: Mapping[str, Any],
+    out: Path,
+    cache: DataCache,
+    freeze: str | None = None,
+    reuse: bool = False,
+) -> tuple[float, list[dict[str, Any]]]:
+    """The final test error of one :func:`classification_run` and its ``metrics.csv`` rows.
+
+    A run that diverged (:class:`asymprop.train.DivergenceError`) gives NaN and no rows; a
+    non-finite final accuracy gives NaN too. Items decide what NaN counts as: chance
+    (:data:`CHANCE_ERROR`) in a reported table, a loss to every finished run in a selection.
+    """
+    try:
+        rows = classification_run(settings, out, cache, freeze, reuse)
+    except DivergenceError as diverged:
+        log.warning("%s diverged: %s", out, diverged)
+        return math.nan, []
+    error = 1 - float(rows[-1]["test_accuracy"])
+    return (error if math.isfinite(error) else math.nan), rows
+
+
+def run_slug(label: str) -> str:
+    """A run folder's name from an entry's label: ``"uSF+BN+BM Bottom"`` -> ``uSF_BN_BM-Bottom``,
+    ``"brSF@25"`` -> ``brSFp25``."""
+    return label.replace(" ", "-").replace("+", "_").replace("@", "p")
+
+
 def final_mean(rows: Sequence[Mapping[str, Any]], prefix: str) -> float:
     """Mean over layers of a per-layer metric in the last row (NaNs skipped)."""
     return nanmean([v for k, v in rows[-1].items() if k.startswith(prefix)])

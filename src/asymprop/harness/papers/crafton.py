@@ -27,18 +27,26 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from ...train import DivergenceError
 from ..data import Dataset, load_dataset
 from ..experiment import DataCache, RunConfig, load_data
 from ..plotting import panels, save_figure
 from ..records import format_values
-from .common import DPI, MAX_PNG_BYTES, ItemResult, classification_run, nanmean, seed_table
+from .common import (
+    CHANCE_ERROR,
+    DPI,
+    MAX_PNG_BYTES,
+    ItemResult,
+    nanmean,
+    run_error,
+    run_slug,
+    seed_table,
+)
 from .lansdell import SEARCHED, search_draws, searched_spec
 from .verdicts import judge_all, verdict_table
 
 log = logging.getLogger(__name__)
 
-DIVERGED_ERROR = 0.9
+DIVERGED_ERROR = CHANCE_ERROR
 """A run that diverged counts as chance (10 classes), in the search and at the end."""
 
 
@@ -117,24 +125,6 @@ def search_cache(settings: Mapping[str, Any], search: Mapping[str, Any]) -> Data
     return cache
 
 
-def _run_error(
-    settings: Mapping[str, Any], out: Path, cache: DataCache, reuse: bool
-) -> tuple[float, list[dict[str, Any]]]:
-    """Test (or validation) error of one run and its per-epoch rows (none if it diverged);
-    :data:`DIVERGED_ERROR` if it diverged."""
-    try:
-        rows = classification_run(settings, out, cache, reuse=reuse)
-    except DivergenceError as diverged:
-        log.warning("%s diverged: %s", out, diverged)
-        return DIVERGED_ERROR, []
-    error = 1 - float(rows[-1]["test_accuracy"])
-    return (error if math.isfinite(error) else DIVERGED_ERROR), rows
-
-
-def _slug(label: str) -> str:
-    return label.replace(" ", "-")
-
-
 def crafton(name: str, config: dict[str, Any], out: Path) -> ItemResult:
     """BP, DFA, NP (DFA-shaped), SG and the noise ablation on the Crafton CNN, each method's
     hyperparameters from the same random search; test error over seeds and the verdicts.
@@ -173,11 +163,12 @@ def crafton(name: str, config: dict[str, Any], out: Path) -> ItemResult:
             drawn = searched_spec(ranged, draw)
             hyper = {n: v for n, v in drawn["options"].items() if n in SEARCHED}
             hyper = {"lr": drawn.get("lr", search_run.get("lr")), **hyper}
-            directory = out / "search" / f"draw{search['draw_seed']}" / f"{_slug(label)}-{k}"
+            directory = out / "search" / f"draw{search['draw_seed']}" / f"{run_slug(label)}-{k}"
             settings = method_settings(search_run, drawn)
-            error, done = _run_error(settings, directory, held_out, reuse)
+            error, _ = run_error(settings, directory, held_out, reuse=reuse)
             # a diverged draw loses to every finished one (its 90% is not a measured error)
-            tried.append((error if done else math.inf, k, drawn))
+            tried.append((error if math.isfinite(error) else math.inf, k, drawn))
+            error = error if math.isfinite(error) else DIVERGED_ERROR
             rows.append(
                 {"part": "search", "entry": label, "config": k, **hyper, "val_error": error}
             )
@@ -194,8 +185,9 @@ def crafton(name: str, config: dict[str, Any], out: Path) -> ItemResult:
     cache: DataCache = {}
     for label, settings in entries.items():
         for seed in config["seeds"]:
-            directory = out / "runs" / f"{_slug(label)}-seed{seed}"
-            error, run_rows = _run_error({**settings, "seed": seed}, directory, cache, reuse)
+            directory = out / "runs" / f"{run_slug(label)}-seed{seed}"
+            error, run_rows = run_error({**settings, "seed": seed}, directory, cache, reuse=reuse)
+            error = error if math.isfinite(error) else DIVERGED_ERROR
             last = run_rows[-1] if run_rows else {}  # a diverged run: chance, no metrics
             deltas = [v for k, v in last.items() if k.startswith("delta_angle_deg/")]
             rows.append(

@@ -28,23 +28,24 @@ from typing import Any
 
 import numpy as np
 
-from ...train import DivergenceError
 from ..experiment import DataCache
 from ..plotting import panels, save_figure
 from ..records import format_values, mean_se
 from .common import (
+    CHANCE_ERROR,
     DPI,
     MAX_PNG_BYTES,
     ItemResult,
-    classification_run,
+    run_error,
+    run_slug,
 )
 from .verdicts import judge_all, verdict_table
 
 log = logging.getLogger(__name__)
 
 _LIAO_RULES = {"usf": "usf", "nusf": "nusf", "brsf": "brsf", "frsf": "frsf", "rndf": "rndf"}
-CHANCE = 0.9
-"""The error a diverged run counts as (ten classes)."""
+CHANCE = CHANCE_ERROR
+"""The error a diverged run counts as in the reported errors (ten classes)."""
 
 
 def liao_entry(entry: str) -> dict[str, Any]:
@@ -191,18 +192,9 @@ class _Runs:
         }
         key = json.dumps([settings, spec["freeze"]], sort_keys=True)
         if key not in self.errors:
-            slug = entry.replace(" ", "-").replace("+", "_").replace("@", "p")
-            try:
-                run_rows = classification_run(
-                    settings,
-                    self.out / "runs" / f"{slug}{tag}-lr{lr:g}-seed{seed}",
-                    self.cache,
-                    spec["freeze"],
-                    self.config.get("reuse", False),
-                )
-                error = 1 - float(run_rows[-1]["test_accuracy"])
-            except DivergenceError:
-                error = math.nan
+            directory = self.out / "runs" / f"{run_slug(entry)}{tag}-lr{lr:g}-seed{seed}"
+            reuse = bool(self.config.get("reuse", False))
+            error, _ = run_error(settings, directory, self.cache, spec["freeze"], reuse)
             self.errors[key] = error  # NaN: diverged (chance in the reported errors)
             log.info("%s %s%s lr %g seed %d: error %.4f", self.name, entry, tag, lr, seed, error)
         error = self.errors[key]
