@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 from torch import Tensor, nn
 
 from ...convert import convert, feedback_layers
@@ -282,7 +282,7 @@ def lansdell_fixed_w(name: str, config: dict[str, Any], out: Path) -> ItemResult
     lines += ["", verdict_table(judge_all(config["claims"], values))]
     labels = list(config["noise"])
     figures = [
-        _lansdell_figure(curves, config["seeds"], labels, out / f"{name}.png", log_steps=True),
+        _lansdell_figure(curves, config["seeds"], labels, out / f"{name}.png", log_error=True),
         _width_figure(by_width, out / f"{name}-widths.png"),
     ]
     return ItemResult(name, "\n".join(lines), figures, rows, time.perf_counter() - started)
@@ -357,7 +357,7 @@ def _lansdell_figure(
     seeds: Sequence[int],
     labels: Sequence[str],
     path: Path,
-    log_steps: bool = False,
+    log_error: bool = False,
 ) -> Path:
     """Fig. 2A-C / 4A-C: per layer, the measures over steps, mean over ``seeds``."""
     metrics = [
@@ -376,11 +376,11 @@ def _lansdell_figure(
                 ax.plot(steps, values.mean(0), label=label)
             ax.set_title(f"layer {layer}: {ylabel}", fontsize=8)
             ax.set_xlabel("step", fontsize=8)
-            if log_steps:
-                ax.set_xscale("symlog", linthresh=max(1, steps[1]))
-                if metric == "rel_error":
-                    ax.set_yscale("log")
-                    ax.yaxis.set_minor_formatter(NullFormatter())  # no 2.75x10^0 labels
+            if log_error and metric == "rel_error":  # a fit's error over decades
+                ax.set_yscale("log")
+                ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+                ax.yaxis.set_minor_formatter(NullFormatter())
     axes[0][0].legend(fontsize=6)
     return save_figure(fig, path, dpi=DPI, max_bytes=MAX_PNG_BYTES)
 
