@@ -59,6 +59,7 @@ def _worker(rank: int, port: int, out: str, rules: list[str]) -> None:
             _train(model, info.rank, info.world_size)
             distributed.assert_in_sync(model)
             torch.save(asymprop.unwrap(model).state_dict(), Path(out) / f"{rule}-{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while the other is still in a collective
     finally:
         dist.destroy_process_group()
 
@@ -72,10 +73,20 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ddp_states(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
-    mp.start_processes(
-        _worker, args=(_free_port(), str(out), RULES), nprocs=WORLD, start_method="spawn"
-    )
-    return out
+    for attempt in (1, 2):
+        try:
+            mp.start_processes(
+                _worker, args=(_free_port(), str(out), RULES), nprocs=WORLD, start_method="spawn"
+            )
+            return out
+        except mp.ProcessExitedException as crash:
+            # a worker killed by a signal (gloo's C++ teardown has aborted once in many CI
+            # runs, 'terminate called without an active exception'), not a Python failure:
+            # one retry on a fresh port; a second crash fails the tests
+            if attempt == 2 or crash.signal_name is None:
+                raise
+            print(f"DDP workers crashed ({crash}); retrying once on a new port", flush=True)
+    raise AssertionError("unreachable")
 
 
 @pytest.mark.parametrize("rule", RULES)
