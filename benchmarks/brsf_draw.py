@@ -17,7 +17,7 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
+from harness import train_and_score
 
 import asymprop
 from asymprop.harness.data import load_dataset
@@ -38,15 +38,7 @@ def run(data: str, draw: str, seed: int) -> tuple[float, float]:
     net = build_model(model_name, tuple(x.shape[1:]), 10, **options)
     model = asymprop.convert(net, "brsf", seed=seed, draw=draw)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=gen).split(64):
-            asymprop.train_step(model, opt, F.cross_entropy, x[idx], y[idx])
-    model.eval()
-    with torch.no_grad():
-        error = float((model(xt).argmax(1) != yt).float().mean())
-    angles = [s["angle_deg"] for s in asymprop.alignment(model).values()]
-    return 100 * error, statistics.fmean(angles)
+    return train_and_score(model, opt, (x, y), (xt, yt), epochs, seed)
 
 
 def _mean_se(values: list[float]) -> str:

@@ -129,6 +129,31 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
+def train_and_score(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    epochs: int,
+    seed: int,
+    batch: int = 64,
+) -> tuple[float, float]:
+    """Train a converted classifier with :func:`asymprop.train_step` (cross-entropy, a seeded
+    permutation per epoch in minibatches of ``batch``); return its test error (%) and the mean
+    angle(B, W) over its layers (degrees) at the end. The accuracy checks of the benchmarks
+    (``brsf_draw.py``, ``wm_plateau.py --part train``)."""
+    (x, y), (x_test, y_test) = train, test
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=generator).split(batch):
+            asymprop.train_step(model, optimizer, F.cross_entropy, x[idx], y[idx])
+    model.eval()
+    with torch.no_grad():
+        error = float((model(x_test).argmax(1) != y_test).float().mean())
+    angles = [a["angle_deg"] for a in asymprop.alignment(model).values()]
+    return 100 * error, statistics.fmean(angles)
+
+
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     """SGD with momentum and weight decay over every parameter (KP's B included)."""
     params = [p for p in model.parameters() if p.requires_grad]

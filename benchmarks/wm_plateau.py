@@ -55,6 +55,7 @@ from harness import (
     choose_rounds,
     make_optimizer,
     make_workload,
+    train_and_score,
 )
 from torch import Tensor, nn
 
@@ -407,15 +408,9 @@ def part_train(seeds: int = 3, epochs: int = 15) -> None:
             net = build_model("mlp", tuple(x.shape[1:]), 10, widths=[256, 256])
             model = asymprop.convert(net, rule, seed=seed, **options)
             opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-            gen = torch.Generator().manual_seed(seed)
-            for _ in range(epochs):
-                for idx in torch.randperm(len(x), generator=gen).split(64):
-                    asymprop.train_step(model, opt, F.cross_entropy, x[idx], y[idx])
-            model.eval()
-            with torch.no_grad():
-                errors.append(100 * float((model(xt).argmax(1) != yt).float().mean()))
-            stats = asymprop.alignment(model).values()
-            angles.append(statistics.fmean(a["angle_deg"] for a in stats))
+            error, angle = train_and_score(model, opt, (x, y), (xt, yt), epochs, seed)
+            errors.append(error)
+            angles.append(angle)
         cells = [
             f"{statistics.fmean(v):.3g} +- {statistics.stdev(v) / len(v) ** 0.5:.2g}"
             for v in (errors, angles)
