@@ -154,39 +154,6 @@ def test_quick_suite_runs_every_item(tmp_path: Path) -> None:
         assert list(directory.glob("*.png"))
 
 
-def test_reuse_reads_back_a_finished_run_and_only_that(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """``--reuse``: a finished run of the same settings is read back, not trained again; a run
-    with other settings, or one that did not reach its last epoch, is trained."""
-    import asymprop.harness.papers.common as common
-
-    settings = {**DIGITS, "epochs": 1, "rule": "fa", "seed": 0, "train_size": 200}
-    cache: DataCache = {}
-    first = classification_run(settings, tmp_path / "run", cache)
-    trained: list[str] = []
-    real_train = common.train
-
-    def counting_train(config: Any, **kwargs: Any) -> Any:
-        trained.append(str(config.run_dir))
-        return real_train(config, **kwargs)
-
-    monkeypatch.setattr(common, "train", counting_train)
-    again = classification_run(settings, tmp_path / "run", cache, reuse=True)
-    assert trained == []
-    assert [r.keys() for r in again] == [r.keys() for r in first]
-    assert [r["test_accuracy"] for r in again] == [r["test_accuracy"] for r in first]
-    classification_run({**settings, "lr": 0.01}, tmp_path / "run", cache, reuse=True)
-    assert len(trained) == 1  # other settings: trained again, and overwrote the directory
-    classification_run({**settings, "lr": 0.01}, tmp_path / "run", cache, reuse=False)
-    assert len(trained) == 2  # without reuse: always trained
-    (tmp_path / "run" / "metrics.csv").write_text(
-        (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0] + "\n"
-    )
-    classification_run({**settings, "lr": 0.01}, tmp_path / "run", cache, reuse=True)
-    assert len(trained) == 3  # unfinished: trained
-
-
 def test_cli_reproduce_names_the_valid_items(capsys: pytest.CaptureFixture[str]) -> None:
     from asymprop.harness.cli import main as cli_main
 

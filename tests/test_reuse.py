@@ -51,6 +51,30 @@ def test_every_run_records_the_code_that_made_it(tmp_path: Path) -> None:
     assert len(recorded["source_sha256"]) == 64
 
 
+def test_reuse_reads_back_a_finished_run_and_only_that(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished run of the same settings is read back, not trained again; a run with other
+    settings, or one that did not reach its last epoch, is trained."""
+    settings = {**SETTINGS, "lr": 0.05}
+    cache: DataCache = {}
+    first = classification_run(settings, tmp_path / "run", cache)
+    trained = _counting(monkeypatch)
+    again = classification_run(settings, tmp_path / "run", cache, reuse=True)
+    assert trained == []
+    assert [r.keys() for r in again] == [r.keys() for r in first]
+    assert [r["test_accuracy"] for r in again] == [r["test_accuracy"] for r in first]
+    classification_run({**settings, "lr": 0.01}, tmp_path / "run", cache, reuse=True)
+    assert len(trained) == 1  # other settings: trained again, and overwrote the directory
+    classification_run({**settings, "lr": 0.01}, tmp_path / "run", cache, reuse=False)
+    assert len(trained) == 2  # without reuse: always trained
+    (tmp_path / "run" / "metrics.csv").write_text(
+        (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0] + "\n"
+    )
+    classification_run({**settings, "lr": 0.01}, tmp_path / "run", cache, reuse=True)
+    assert len(trained) == 3  # unfinished: trained
+
+
 def test_reuse_refuses_a_run_made_by_different_source(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
