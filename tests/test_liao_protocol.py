@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from asymprop.harness.papers.common import CHANCE_ERROR
 from asymprop.harness.papers.liao import (
-    CHANCE,
     ITEMS,
     liao,
     liao_best,
@@ -62,7 +62,7 @@ def test_liao_best_chooses_on_the_selection_seed_and_reports_the_held_out_seeds(
         {"entry": "SGD", "stage": "report", "lr": 0.1, "seed": 1, "test_error": 0.07},
         {"entry": "SGD", "stage": "report", "lr": 0.1, "seed": 2, "test_error": math.nan},
     ]
-    assert liao_best(rows, ["SGD"]) == {"SGD": (0.1, [0.07, CHANCE])}
+    assert liao_best(rows, ["SGD"]) == {"SGD": (0.1, [0.07, CHANCE_ERROR])}
     # rows without a stage: the best mean over seeds, as before the protocol
     old = [{k: v for k, v in r.items() if k != "stage"} for r in rows]
     assert liao_best(old, ["SGD"])["SGD"][0] == 0.01

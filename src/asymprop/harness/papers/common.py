@@ -126,6 +126,11 @@ CHANCE_ERROR = 0.9
 """The test error a diverged run counts as in a ten-class item's table (the papers' items)."""
 
 
+def or_chance(error: float) -> float:
+    """``error``, or :data:`CHANCE_ERROR` if it is not finite (a diverged run, in a table)."""
+    return error if math.isfinite(error) else CHANCE_ERROR
+
+
 def run_error(
     settings: Mapping[str, Any],
     out: Path,

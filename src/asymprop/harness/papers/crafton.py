@@ -32,11 +32,11 @@ from ..experiment import DataCache, RunConfig, load_data
 from ..plotting import panels, save_figure
 from ..records import format_values
 from .common import (
-    CHANCE_ERROR,
     DPI,
     MAX_PNG_BYTES,
     ItemResult,
     nanmean,
+    or_chance,
     run_error,
     run_slug,
     seed_table,
@@ -45,9 +45,6 @@ from .lansdell import SEARCHED, search_draws, searched_spec
 from .verdicts import judge_all, verdict_table
 
 log = logging.getLogger(__name__)
-
-DIVERGED_ERROR = CHANCE_ERROR
-"""A run that diverged counts as chance (10 classes), in the search and at the end."""
 
 
 def searched_method(
@@ -168,7 +165,7 @@ def crafton(name: str, config: dict[str, Any], out: Path) -> ItemResult:
             error, _ = run_error(settings, directory, held_out, reuse=reuse)
             # a diverged draw loses to every finished one (its 90% is not a measured error)
             tried.append((error if math.isfinite(error) else math.inf, k, drawn))
-            error = error if math.isfinite(error) else DIVERGED_ERROR
+            error = or_chance(error)
             rows.append(
                 {"part": "search", "entry": label, "config": k, **hyper, "val_error": error}
             )
@@ -187,7 +184,7 @@ def crafton(name: str, config: dict[str, Any], out: Path) -> ItemResult:
         for seed in config["seeds"]:
             directory = out / "runs" / f"{run_slug(label)}-seed{seed}"
             error, run_rows = run_error({**settings, "seed": seed}, directory, cache, reuse=reuse)
-            error = error if math.isfinite(error) else DIVERGED_ERROR
+            error = or_chance(error)
             last = run_rows[-1] if run_rows else {}  # a diverged run: chance, no metrics
             deltas = [v for k, v in last.items() if k.startswith("delta_angle_deg/")]
             rows.append(

@@ -32,10 +32,10 @@ from ..experiment import DataCache
 from ..plotting import panels, save_figure
 from ..records import format_values, mean_se
 from .common import (
-    CHANCE_ERROR,
     DPI,
     MAX_PNG_BYTES,
     ItemResult,
+    or_chance,
     run_error,
     run_slug,
 )
@@ -44,8 +44,6 @@ from .verdicts import judge_all, verdict_table
 log = logging.getLogger(__name__)
 
 _LIAO_RULES = {"usf": "usf", "nusf": "nusf", "brsf": "brsf", "frsf": "frsf", "rndf": "rndf"}
-CHANCE = CHANCE_ERROR
-"""The error a diverged run counts as in the reported errors (ten classes)."""
 
 
 def liao_entry(entry: str) -> dict[str, Any]:
@@ -213,7 +211,7 @@ class _Runs:
             grid,
             self.extensions,
         )
-        errors = [_chance(self.error(entry, lr, seed, "report", run, tag)) for seed in self.seeds]
+        errors = [or_chance(self.error(entry, lr, seed, "report", run, tag)) for seed in self.seeds]
         return Choice(lr, tried, errors)
 
 
@@ -290,12 +288,8 @@ def liao_best(
             options.append((mean, lr))  # a diverged run is never chosen over a finished one
         _, lr = min(options)
         report = [r for r in mine if r.get("stage", "report") == "report" and r["lr"] == lr]
-        best[entry] = (lr, [_chance(r["test_error"]) for r in report])
+        best[entry] = (lr, [or_chance(r["test_error"]) for r in report])
     return best
-
-
-def _chance(error: float) -> float:
-    return error if math.isfinite(error) else CHANCE
 
 
 def _liao_figure(config: dict[str, Any], chosen: dict[str, Choice], path: Path) -> Path:
